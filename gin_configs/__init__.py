@@ -1,0 +1,1 @@
+"""Registry of gin files shipped with prompt_jax (see gin_configs/)."""
