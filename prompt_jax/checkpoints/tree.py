@@ -1,0 +1,69 @@
+"""Checking a loaded parameter tree against the model a config describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_jax.t5.config import T5Config
+
+PROMPT_PATH = "encoder/prompt/prompt"
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    """Nested dict -> {'a/b/c': leaf}."""
+    return flax.traverse_util.flatten_dict(dict(tree), sep="/") if tree else {}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def expected_shapes(config: T5Config, prompt_length: int = 0) -> dict[str, tuple[int, ...]]:
+    """Every parameter path of `T5(config)` and its shape, without allocating."""
+    from prompt_jax.t5.model import T5  # late: model imports prompts, which may import us
+
+    model = T5(config, prompt_length=prompt_length)
+    tokens = jnp.ones((1, 2), jnp.int32)
+    abstract = jax.eval_shape(lambda r: model.init(r, tokens, tokens, tokens),
+                              jax.random.PRNGKey(0))
+    params = flax.linen.unbox(abstract["params"])
+    return {k: tuple(v.shape) for k, v in flatten(params).items()}
+
+
+def check_params(params: dict[str, Any], config: T5Config, source: str,
+                 prompt_length: int = 0) -> None:
+    """Raise ValueError naming `source` and the parameter of a missing, extra or misshapen leaf."""
+    want = expected_shapes(config, prompt_length)
+    have = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing:
+        raise ValueError(f"{source}: parameter {missing[0]} missing (expected shape "
+                         f"{want[missing[0]]}); {len(missing)} missing in all")
+    if extra:
+        raise ValueError(f"{source}: unexpected parameter {extra[0]} with shape "
+                         f"{have[extra[0]]}; {len(extra)} unexpected in all")
+    for name in want:
+        if want[name] != have[name]:
+            raise ValueError(f"{source}: parameter {name} has shape {have[name]}, "
+                             f"expected {want[name]}")
+
+
+def check_config(found: T5Config, expected: T5Config | None, source: str) -> T5Config:
+    """Compare an inferred config with the one the caller expects; fields not inferable
+    from shapes (`dropout_rate`, dtypes, `relative_attention_max_distance`, epsilon) come
+    from `expected`."""
+    if expected is None:
+        return found
+    for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
+                  "num_decoder_layers", "relative_attention_num_buckets", "gated_gelu",
+                  "tie_embeddings"):
+        if getattr(found, field) != getattr(expected, field):
+            raise ValueError(f"{source}: checkpoint has {field}={getattr(found, field)}, "
+                             f"the configured model has {field}={getattr(expected, field)}")
+    return expected

@@ -1,0 +1,288 @@
+"""T5 building blocks in Flax linen, named as t5x/flaxformer name them.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `joined_kv`,
+`mlp`, `heads`, `relpos_buckets`) through `nn.with_logical_partitioning`;
+`prompt_jax.partitioning` maps them to mesh axes. Key activations carry
+`batch`/`length`/... constraints, which are no-ops outside a mesh.
+
+Shapes: B batch, T/Q/K sequence lengths (query/key), E d_model, H heads,
+D d_kv (per head), F d_ff, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Masked attention logits; finite so that a fully masked row stays NaN-free.
+NEG_INF = -1e10
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    """Logical sharding constraint (no-op unless a mesh and rules are active)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def normal(stddev: float) -> Initializer:
+    return nn.initializers.normal(stddev=stddev)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; computed in fp32."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """`x @ kernel` with no bias; the kernel is stored `[in, out]` as in t5x."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+    """Token embedding `[V, E]`; `attend` gives the tied output projection."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(normal(1.0), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        """ids [B, T] int -> [B, T, E]."""
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """x [B, L, E] -> [B, L, V]."""
+        return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucketing of `memory_position - query_position` (Mesh TensorFlow / HF).
+
+    Half the buckets (per direction) hold exact small distances, the rest grow
+    logarithmically up to `max_distance`. Computed in numpy float32, in the
+    same order of operations as the reference, because positions are static.
+    """
+    rp = np.asarray(relative_position, dtype=np.int64)
+    buckets = np.zeros_like(rp)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rp > 0).astype(np.int64) * num_buckets
+        rp = np.abs(rp)
+    else:
+        rp = -np.minimum(rp, 0)
+    max_exact = num_buckets // 2
+    is_small = rp < max_exact
+    with np.errstate(divide="ignore"):
+        scaled = (
+            np.log(rp.astype(np.float32) / np.float32(max_exact))
+            / np.float32(np.log(max_distance / max_exact))
+            * np.float32(num_buckets - max_exact)
+        )
+    large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(is_small, rp, large)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_matrix(
+    q_len: int, k_len: int, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    context = np.arange(q_len)[:, None]
+    memory = np.arange(k_len)[None, :]
+    return relative_position_bucket(memory - context, bidirectional, num_buckets, max_distance)
+
+
+class RelativePositionBiases(nn.Module):
+    """One `[H, buckets]` bias table per stack, added to every layer's attention logits."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, q_len: int, k_len: int, bidirectional: bool, query_offset: Array | None = None
+    ) -> Array:
+        """Bias [1, H, Q, K]. With `query_offset` (decoding), Q=1 at that position."""
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(normal(0.1), ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets),
+            self.param_dtype,
+        )
+        if query_offset is None:
+            buckets = jnp.asarray(
+                _bucket_matrix(q_len, k_len, bidirectional, self.num_buckets, self.max_distance)
+            )
+        else:
+            full = jnp.asarray(
+                _bucket_matrix(k_len, k_len, bidirectional, self.num_buckets, self.max_distance)
+            )
+            buckets = jax.lax.dynamic_slice_in_dim(full, query_offset, 1, axis=0)
+        # [H, buckets] gathered by [Q, K] -> [H, Q, K]
+        bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)
+        return bias[None].astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Unscaled dot-product attention (T5 folds 1/sqrt(D) into the query init).
+
+    With `decode=True`, keys and values are appended to a `cache` collection
+    (`cached_key`, `cached_value` [B, K_max, H, D] and `cache_index`), and the
+    query attends to the positions written so far.
+    """
+
+    num_heads: int
+    d_kv: int
+    d_model: int
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x_q: Array,
+        x_kv: Array,
+        mask: Array | None,
+        bias: Array | None = None,
+        *,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> Array:
+        """x_q [B, Q, E], x_kv [B, K, E], mask [B, 1, Q, K] bool, bias [1, H, Q, K] -> [B, Q, E]."""
+        joined = self.num_heads * self.d_kv
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        query = dense(joined, ("embed", "joined_kv"), normal((self.d_model * self.d_kv) ** -0.5),
+                      name="query")(x_q)
+        key = dense(joined, ("embed", "joined_kv"), normal(self.d_model**-0.5), name="key")(x_kv)
+        value = dense(joined, ("embed", "joined_kv"), normal(self.d_model**-0.5),
+                      name="value")(x_kv)
+        split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, self.d_kv))
+        query, key, value = split(query), split(key), split(value)
+        query = constrain(query, ("batch", "length", "heads", "kv"))
+        key = constrain(key, ("batch", "length", "heads", "kv"))
+        value = constrain(value, ("batch", "length", "heads", "kv"))
+
+        if decode:
+            initialized = self.has_variable("cache", "cached_key")
+            cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+            cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape,
+                                         value.dtype)
+            cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            if initialized:
+                if x_q.shape[1] != 1:
+                    raise ValueError(f"decoding takes one token per step, got {x_q.shape[1]}")
+                index = cache_index.value
+                key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+                value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+                cached_key.value, cached_value.value = key, value
+                cache_index.value = index + 1
+                written = jnp.arange(key.shape[1]) <= index
+                causal = written[None, None, None, :]
+                mask = causal if mask is None else jnp.logical_and(mask, causal)
+
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        if not deterministic and self.dropout_rate > 0.0:
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        out = out.reshape(out.shape[:2] + (joined,))
+        return dense(self.d_model, ("joined_kv", "embed"), normal(joined**-0.5), name="out")(out)
+
+
+class MLP(nn.Module):
+    """T5 feed-forward: ReLU (`wi`) or gated GELU (`wi_0` gelu * `wi_1` linear), then `wo`."""
+
+    d_ff: int
+    d_model: int
+    gated_gelu: bool
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        wi_init = normal(self.d_model**-0.5)
+        if self.gated_gelu:
+            # tanh-approximated GELU, as T5 1.1 (mesh-tf) and HF's `gelu_new`.
+            gate = jax.nn.gelu(dense(self.d_ff, ("embed", "mlp"), wi_init, name="wi_0")(x),
+                               approximate=True)
+            h = gate * dense(self.d_ff, ("embed", "mlp"), wi_init, name="wi_1")(x)
+        else:
+            h = jax.nn.relu(dense(self.d_ff, ("embed", "mlp"), wi_init, name="wi")(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        if not deterministic and self.dropout_rate > 0.0:
+            h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
+        return dense(self.d_model, ("mlp", "embed"), normal(self.d_ff**-0.5), name="wo")(h)
+
+
+def attention_mask(query_valid: Array, key_valid: Array) -> Array:
+    """[B, Q] and [B, K] bool -> [B, 1, Q, K]."""
+    return jnp.logical_and(query_valid[:, None, :, None], key_valid[:, None, None, :])
+
+
+def causal_mask(length: int) -> Array:
+    """[1, 1, L, L]: query i sees keys <= i."""
+    idx = jnp.arange(length)
+    return (idx[None, :] <= idx[:, None])[None, None]
+
+
+def dropout(rate: float, deterministic: bool) -> Callable[[Array], Array]:
+    if deterministic or rate == 0.0:
+        return lambda x: x
+    return lambda x: nn.Dropout(rate)(x, deterministic=False)

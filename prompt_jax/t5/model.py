@@ -1,0 +1,229 @@
+"""The T5 encoder-decoder, readable top to bottom.
+
+Parameter paths follow t5x/flaxformer (`token_embedder/embedding`,
+`encoder/layers_0/attention/query/kernel`, `encoder/relpos_bias/rel_embedding`,
+`decoder/layers_0/encoder_decoder_attention/out/kernel`,
+`decoder/logits_dense/kernel`, ...). A prompt-tuned model adds
+`encoder/prompt/prompt` `[P, E]`.
+
+Calling convention (flaxformer's): `apply({'params': p}, encoder_input_tokens
+[B, T], decoder_input_tokens [B, L], decoder_target_tokens [B, L],
+enable_dropout=False) -> logits [B, L, V]`; decoder inputs are the targets
+shifted right with 0 as the start token; id 0 is padding.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from prompt_jax import prompts
+from prompt_jax.t5.config import T5Config
+from prompt_jax.t5.layers import (
+    MLP,
+    Dense,
+    Embed,
+    MultiHeadAttention,
+    RelativePositionBiases,
+    RMSNorm,
+    attention_mask,
+    causal_mask,
+    constrain,
+    dropout,
+    normal,
+)
+
+Array = jax.Array
+
+
+def _norm(config: T5Config, name: str) -> RMSNorm:
+    return RMSNorm(config.layer_norm_epsilon, config.activation_dtype, config.weight_dtype,
+                   name=name)
+
+
+def _attention(config: T5Config, name: str) -> MultiHeadAttention:
+    return MultiHeadAttention(config.num_heads, config.d_kv, config.d_model, config.dropout_rate,
+                              config.activation_dtype, config.weight_dtype, name=name)
+
+
+def _mlp(config: T5Config) -> MLP:
+    return MLP(config.d_ff, config.d_model, config.gated_gelu, config.dropout_rate,
+               config.activation_dtype, config.weight_dtype, name="mlp")
+
+
+def _relpos(config: T5Config) -> RelativePositionBiases:
+    return RelativePositionBiases(config.relative_attention_num_buckets,
+                                  config.relative_attention_max_distance, config.num_heads,
+                                  config.activation_dtype, config.weight_dtype, name="relpos_bias")
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> Array:
+        drop = dropout(self.config.dropout_rate, deterministic)
+        h = _norm(self.config, "pre_attention_layer_norm")(x)
+        h = _attention(self.config, "attention")(h, h, mask, bias, deterministic=deterministic)
+        x = x + drop(h)
+        h = _norm(self.config, "pre_mlp_layer_norm")(x)
+        x = x + drop(_mlp(self.config)(h, deterministic=deterministic))
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, y: Array, encoded: Array, self_mask: Array | None, cross_mask: Array,
+                 bias: Array, deterministic: bool, decode: bool) -> Array:
+        drop = dropout(self.config.dropout_rate, deterministic)
+        h = _norm(self.config, "pre_self_attention_layer_norm")(y)
+        h = _attention(self.config, "self_attention")(
+            h, h, self_mask, bias, decode=decode, deterministic=deterministic)
+        y = y + drop(h)
+        h = _norm(self.config, "pre_cross_attention_layer_norm")(y)
+        h = _attention(self.config, "encoder_decoder_attention")(
+            h, encoded, cross_mask, deterministic=deterministic)
+        y = y + drop(h)
+        h = _norm(self.config, "pre_mlp_layer_norm")(y)
+        y = y + drop(_mlp(self.config)(h, deterministic=deterministic))
+        return constrain(y, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    """embed -> prepend prompt -> extend mask -> layers -> norm."""
+
+    config: T5Config
+    token_embedder: Embed
+    prompt_length: int = 0
+    prompt_init: prompts.Initializer = prompts.random_uniform()
+
+    @nn.compact
+    def __call__(self, tokens: Array, prefix: Array | None = None,
+                 prefix_mask: Array | None = None, deterministic: bool = True
+                 ) -> tuple[Array, Array]:
+        """tokens [B, T] -> (encoded [B, P+T, E], mask [B, P+T]).
+
+        `prefix` is extra input embeddings, `[P, E]` shared or `[B, P, E]` per
+        example, with an optional `prefix_mask` `[B, P]` (left-padded prompts of
+        different lengths); the model's own prompt, if it has one, is the prefix.
+        """
+        cfg = self.config
+        x = self.token_embedder(tokens)
+        mask = tokens > 0
+        if self.prompt_length:
+            if prefix is not None:
+                raise ValueError("this model has its own prompt; pass no prefix embeddings")
+            prefix = prompts.Prompt(self.prompt_length, cfg.d_model, self.prompt_init,
+                                    name="prompt")()
+        if prefix is not None:
+            if prefix.ndim == 2:
+                prefix = jnp.broadcast_to(prefix[None], (x.shape[0],) + prefix.shape)
+            if prefix_mask is None:
+                prefix_mask = jnp.ones(prefix.shape[:2], dtype=bool)
+            x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+            mask = jnp.concatenate([prefix_mask.astype(bool), mask], axis=1)
+        x = constrain(x, ("batch", "length", "embed"))
+        x = dropout(cfg.dropout_rate, deterministic)(x)
+
+        length = x.shape[1]
+        bias = _relpos(cfg)(length, length, bidirectional=True)
+        pair_mask = attention_mask(mask, mask)
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, pair_mask, bias, deterministic)
+        x = _norm(cfg, "encoder_norm")(x)
+        return dropout(cfg.dropout_rate, deterministic)(x), mask
+
+
+class Decoder(nn.Module):
+    """embed -> layers (causal self-attention, cross-attention) -> norm -> logits."""
+
+    config: T5Config
+    token_embedder: Embed
+
+    @nn.compact
+    def __call__(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
+                 decoder_target_tokens: Array | None = None, deterministic: bool = True,
+                 decode: bool = False) -> Array:
+        """encoded [B, S, E], encoder_mask [B, S], decoder_input_tokens [B, L] -> logits [B, L, V].
+
+        With `decode=True` the call is one step of autoregressive decoding
+        (L=1) against the `cache` collection; initialise the cache by calling
+        once with the full-length `decoder_input_tokens` (see `decoding.py`).
+        """
+        cfg = self.config
+        y = self.token_embedder(decoder_input_tokens)
+        y = dropout(cfg.dropout_rate, deterministic)(y)
+        length = y.shape[1]
+        relpos = _relpos(cfg)
+
+        if decode and self.has_variable("cache", "position"):
+            position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            k_len = self.variables["cache"]["layers_0"]["self_attention"]["cached_key"].shape[1]
+            bias = relpos(1, k_len, bidirectional=False, query_offset=position.value)
+            position.value = position.value + 1
+            self_mask = None  # the attention cache masks the positions not yet written
+            query_valid = jnp.ones(y.shape[:2], dtype=bool)
+        else:
+            if decode:  # initialising the cache (its length is this call's length)
+                self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            bias = relpos(length, length, bidirectional=False)
+            self_mask = causal_mask(length)
+            query_valid = jnp.ones(y.shape[:2], dtype=bool)
+            if decoder_target_tokens is not None:
+                query_valid = decoder_target_tokens > 0
+                self_mask = jnp.logical_and(self_mask, attention_mask(query_valid, query_valid))
+        cross_mask = attention_mask(query_valid, encoder_mask)
+
+        for i in range(cfg.num_decoder_layers):
+            y = DecoderLayer(cfg, name=f"layers_{i}")(
+                y, encoded, self_mask, cross_mask, bias, deterministic, decode)
+        y = _norm(cfg, "decoder_norm")(y)
+        y = dropout(cfg.dropout_rate, deterministic)(y)
+        if cfg.tie_embeddings:
+            logits = self.token_embedder.attend(y * cfg.d_model**-0.5)
+        else:
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), normal(cfg.d_model**-0.5),
+                           cfg.activation_dtype, cfg.weight_dtype, name="logits_dense")(y)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+
+class T5(nn.Module):
+    """Encoder-decoder T5; `prompt_length > 0` adds a learned prompt to the encoder input."""
+
+    config: T5Config
+    prompt_length: int = 0
+    prompt_init: prompts.Initializer = prompts.random_uniform()
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.activation_dtype,
+                                    cfg.weight_dtype)
+        self.encoder = Encoder(cfg, self.token_embedder, self.prompt_length, self.prompt_init)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def encode(self, encoder_input_tokens: Array, prefix_embeddings: Array | None = None,
+               prefix_mask: Array | None = None, enable_dropout: bool = False
+               ) -> tuple[Array, Array]:
+        """[B, T] -> (encoded [B, P+T, E], encoder mask [B, P+T])."""
+        return self.encoder(encoder_input_tokens, prefix_embeddings, prefix_mask,
+                            deterministic=not enable_dropout)
+
+    def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array | None = None, enable_dropout: bool = False,
+               decode: bool = False) -> Array:
+        """-> logits [B, L, V] (one step of L=1 when `decode`)."""
+        return self.decoder(encoded, encoder_mask, decoder_input_tokens, decoder_target_tokens,
+                            deterministic=not enable_dropout, decode=decode)
+
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                 decoder_target_tokens: Array | None = None, enable_dropout: bool = False,
+                 prefix_embeddings: Array | None = None, prefix_mask: Array | None = None
+                 ) -> Array:
+        """Teacher-forced logits [B, L, V]."""
+        encoded, mask = self.encode(encoder_input_tokens, prefix_embeddings, prefix_mask,
+                                    enable_dropout)
+        return self.decode(encoded, mask, decoder_input_tokens, decoder_target_tokens,
+                           enable_dropout)
