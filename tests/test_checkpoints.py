@@ -11,7 +11,8 @@ import pytest
 from conftest import shared_file
 
 import prompt_jax
-from prompt_jax.checkpoints.tree import expected_shapes, flatten
+from prompt_jax.checkpoints.tree import expected_shapes
+from prompt_jax.pytree import flatten
 from prompt_jax.t5.model import T5
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from prompt_jax.checkpoints.tree import PROMPT_PATH, check_params, flatten, unflatten
+from prompt_jax.checkpoints.tree import PROMPT_PATH, check_params
+from prompt_jax.pytree import flatten, unflatten
 from prompt_jax.t5.config import T5Config
 
 # (HF name pattern, our path pattern, transpose). `{i}` is the layer index.

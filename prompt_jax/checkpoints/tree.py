@@ -9,18 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_jax.pytree import flatten
 from prompt_jax.t5.config import T5Config
 
 PROMPT_PATH = "encoder/prompt/prompt"
-
-
-def flatten(tree: Any) -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}."""
-    return flax.traverse_util.flatten_dict(dict(tree), sep="/") if tree else {}
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def expected_shapes(config: T5Config, prompt_length: int = 0) -> dict[str, tuple[int, ...]]:
