@@ -238,7 +238,9 @@ class MultiHeadAttention(nn.Module):
             logits = jnp.where(mask, logits, NEG_INF)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not deterministic and self.dropout_rate > 0.0:
-            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+            # One mask shared across batch and heads, as flaxformer's T5 (broadcast_dropout).
+            weights = nn.Dropout(self.dropout_rate, broadcast_dims=(0, 1))(
+                weights, deterministic=False)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         out = out.reshape(out.shape[:2] + (joined,))
         return dense(self.d_model, ("joined_kv", "embed"), normal(joined**-0.5), name="out")(out)
