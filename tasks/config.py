@@ -1,0 +1,143 @@
+"""Where the tasks find their data and vocabulary, resolved when a dataset is read.
+
+Each setting is looked up, in order, in the gin binding of `data_paths`, then in
+an environment variable, then a default; nothing is resolved at import, so the
+settings may change after `import prompt_jax.tasks`.
+
+| setting | gin | environment variable | default |
+| --- | --- | --- | --- |
+| official files | `data_paths.data_dir` | `PROMPT_JAX_DATA_DIR` | none: read TFDS |
+| pretraining text | `data_paths.text_files` | `PROMPT_JAX_TEXT_FILES` | none: TFDS `c4/en` |
+| vocabulary | `data_paths.vocab` | `PROMPT_JAX_VOCAB` | T5's `cc_all.32000.100extra` on GCS |
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import gin
+import seqio
+
+DATA_DIR_ENV = "PROMPT_JAX_DATA_DIR"
+TEXT_FILES_ENV = "PROMPT_JAX_TEXT_FILES"
+VOCAB_ENV = "PROMPT_JAX_VOCAB"
+DEFAULT_VOCAB = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
+EXTRA_IDS = 100
+
+
+@gin.configurable(module="prompt_jax.tasks")
+def data_paths(
+    data_dir: str | None = None, text_files: str | None = None, vocab: str | None = None
+) -> dict[str, str | None]:
+    """The gin-bound settings (None where unbound); see the module docstring."""
+    return {"data_dir": data_dir, "text_files": text_files, "vocab": vocab}
+
+
+def _setting(name: str, env: str) -> str | None:
+    return data_paths()[name] or os.environ.get(env) or None
+
+
+def data_dir() -> str | None:
+    """The directory of official files (`super_glue/<TASK>/…`, `glue/<TASK>/…`), or None."""
+    return _setting("data_dir", DATA_DIR_ENV)
+
+
+def text_files() -> str | None:
+    """The pretraining text spec (globs, comma-separated, or `superglue_glue_train`), or None."""
+    return _setting("text_files", TEXT_FILES_ENV)
+
+
+def vocab_path() -> str:
+    return _setting("vocab", VOCAB_ENV) or DEFAULT_VOCAB
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
+    return seqio.SentencePieceVocabulary(path, extra_ids=EXTRA_IDS)
+
+
+def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
+    """T5's SentencePiece vocabulary with 100 extra ids (V = 32100, `<extra_id_0>` = 32099)."""
+    path = path or vocab_path()
+    if "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no SentencePiece model there (set {VOCAB_ENV} or gin data_paths.vocab)"
+        )
+    return _load_vocabulary(path)
+
+
+class LazyVocabulary(seqio.Vocabulary):
+    """Stands for `get_vocabulary()` in the registered output features.
+
+    Tasks are registered at import, before the vocabulary path may be known; every
+    call here resolves the path then, so `PROMPT_JAX_VOCAB` may be set after import.
+    """
+
+    def __init__(self):
+        super().__init__(extra_ids=EXTRA_IDS)
+
+    @property
+    def _vocab(self) -> seqio.SentencePieceVocabulary:
+        return get_vocabulary()
+
+    @property
+    def eos_id(self) -> int:
+        return self._vocab.eos_id
+
+    @property
+    def unk_id(self) -> int:
+        return self._vocab.unk_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._vocab.pad_id
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self._vocab._base_vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab.vocab_size
+
+    def _encode(self, s):
+        return self._vocab._encode(s)
+
+    def _decode(self, ids):
+        return self._vocab._decode(ids)
+
+    def _encode_tf(self, s):
+        return self._vocab._encode_tf(s)
+
+    def _decode_tf(self, ids):
+        return self._vocab._decode_tf(ids)
+
+    def encode(self, s):
+        return self._vocab.encode(s)
+
+    def decode(self, ids):
+        return self._vocab.decode(ids)
+
+    def encode_tf(self, s):
+        return self._vocab.encode_tf(s)
+
+    def decode_tf(self, ids):
+        return self._vocab.decode_tf(ids)
+
+    def __eq__(self, other) -> bool:
+        # Equal without loading anything: every instance resolves to the same vocabulary.
+        return isinstance(other, LazyVocabulary)
+
+    def __hash__(self) -> int:
+        return hash(LazyVocabulary)
+
+    def __str__(self) -> str:
+        return f"LazyVocabulary(path={vocab_path()!r}, extra_ids={EXTRA_IDS})"
+
+
+VOCABULARY = LazyVocabulary()
+OUTPUT_FEATURES = {
+    "inputs": seqio.Feature(vocabulary=VOCABULARY, add_eos=True),
+    "targets": seqio.Feature(vocabulary=VOCABULARY, add_eos=True),
+}
