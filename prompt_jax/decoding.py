@@ -1,7 +1,28 @@
-"""Autoregressive decoding with the decoder's KV cache.
+"""Autoregressive decoding with the decoder's KV cache: greedy and beam search.
 
 `encode` once, then one `T5.decode(..., decode=True)` step per token against
-the `cache` collection. Tokens after EOS are 0 (padding), as in seqio.
+the `cache` collection. Tokens after EOS are 0 (padding), as in seqio. Both
+loops are `lax.while_loop`s that stop as soon as every sequence is done; the
+results are those of running all `max_decode_length` steps.
+
+Beam search follows Hugging Face `generate(num_beams=K)` step for step (the
+top 2K continuations of all beams; the best K that did not just end stay live;
+those among the top K that end with EOS or at `max_decode_length` enter the
+finished set with their length-penalised score; a batch item stops per
+`early_stopping`), and gives the same tokens as HF on the parity models.
+The length penalty divides a hypothesis' summed log-probability by
+
+- `length_penalty_style="hf"`: `n ** alpha` (HF's `length_penalty=alpha`);
+- `length_penalty_style="t5x"`: `((5 + n) / 6) ** alpha` (T5X's brevity penalty,
+  default `alpha=0.6`),
+
+where n counts the generated tokens, EOS included. T5X's `decoding.beam_search(alpha)`
+corresponds to `length_penalty_style="t5x", early_stopping="never"` (keep searching
+while a live beam, penalised at the maximum length, could still beat the worst
+finished one). Two T5X details differ: T5X lets an EOS among all top-2K
+candidates (not only the top K) into the finished set, and it returns live
+beams for an item where none ended with EOS, where this search (like HF)
+counts beams that reach `max_decode_length` as finished.
 """
 
 from __future__ import annotations
@@ -16,6 +37,11 @@ from prompt_jax.t5.model import T5
 
 Array = jax.Array
 EOS_ID = 1
+# HF's "effectively minus infinity" for beam scores; kept identical so that the
+# float32 sums it takes part in round the same way.
+_NEG = -1.0e9
+_EARLY_STOPPING = (True, False, "never")
+_STYLES = ("hf", "t5x")
 
 
 def init_cache(model: T5, params: Any, encoded: Array, encoder_mask: Array,
@@ -38,26 +64,148 @@ def decode_step(model: T5, params: Any, cache: Any, encoded: Array, encoder_mask
     return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), variables["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id"))
 def greedy_decode(model: T5, params: Any, encoder_input_tokens: Array, max_decode_length: int,
                   prefix_embeddings: Array | None = None, prefix_mask: Array | None = None,
                   eos_id: int = EOS_ID) -> tuple[Array, Array]:
     """-> (tokens [B, max_decode_length], sum of the chosen tokens' log-probs [B])."""
+    return _greedy_decode(model, params, encoder_input_tokens, max_decode_length,
+                          prefix_embeddings, prefix_mask, eos_id)
+
+
+# The jitted bodies take every argument positionally: jit keys its cache on how the
+# static arguments were passed, so the public wrappers keep one calling form.
+@functools.partial(jax.jit, static_argnums=(0, 3, 6))
+def _greedy_decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
+                   prefix_mask, eos_id):
     encoded, mask = model.apply({"params": params}, encoder_input_tokens, prefix_embeddings,
                                 prefix_mask, method=T5.encode)
     batch = encoder_input_tokens.shape[0]
     cache = init_cache(model, params, encoded, mask, max_decode_length)
 
-    def step(carry, _):
-        cache, previous, done, score = carry
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < max_decode_length) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, previous, done, score, tokens = carry
         log_probs, cache = decode_step(model, params, cache, encoded, mask, previous)
         token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
         score = score + jnp.where(done, 0.0, jnp.take_along_axis(log_probs, token[:, None],
                                                                   axis=-1)[:, 0])
         token = jnp.where(done, 0, token)
-        return (cache, token, done | (token == eos_id), score), token
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        return step + 1, cache, token, done | (token == eos_id), score, tokens
 
-    start = (cache, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool),
-             jnp.zeros((batch,), jnp.float32))
-    (_, _, _, score), tokens = jax.lax.scan(step, start, None, length=max_decode_length)
-    return tokens.T, score
+    start = (jnp.array(0, jnp.int32), cache, jnp.zeros((batch,), jnp.int32),
+             jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32),
+             jnp.zeros((batch, max_decode_length), jnp.int32))
+    *_, score, tokens = jax.lax.while_loop(cond, body, start)
+    return tokens, score
+
+
+def _penalty(length: Array, alpha: Array, t5x_style: Array) -> Array:
+    """What a summed log-probability of `length` generated tokens is divided by."""
+    length, alpha = jnp.asarray(length, jnp.float32), jnp.asarray(alpha, jnp.float32)
+    return jnp.where(t5x_style, ((5.0 + length) / 6.0) ** alpha, length**alpha)
+
+
+def _gather(x: Array, indices: Array) -> Array:
+    """x [B, N, ...] gathered along axis 1 by indices [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def beam_search(model: T5, params: Any, encoder_input_tokens: Array, max_decode_length: int,
+                num_beams: int = 4, length_penalty: float = 0.6,
+                prefix_embeddings: Array | None = None, prefix_mask: Array | None = None,
+                eos_id: int = EOS_ID, length_penalty_style: str = "t5x",
+                early_stopping: bool | str = "never") -> tuple[Array, Array]:
+    """Beam search -> (tokens [B, K, max_decode_length], scores [B, K]), best beam first.
+
+    K = `num_beams`; the best hypothesis of example b is `tokens[b, 0]`. Scores are the
+    summed log-probabilities divided by the length penalty (`length_penalty` is its
+    exponent alpha; see the module docstring for the two styles). `early_stopping` is
+    HF's: True stops an example once K hypotheses finished; False once the best live
+    beam, penalised at its current length, cannot beat the worst finished one;
+    "never" does the same test at `max_decode_length` when alpha > 0.
+    HF's defaults are `length_penalty_style="hf", length_penalty=1.0, early_stopping=False`.
+    Only the model, the lengths, K and `eos_id` are compiled in; the other options are
+    traced, so changing them does not recompile.
+    """
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be one of {_EARLY_STOPPING}, got "
+                         f"{early_stopping!r}")
+    if length_penalty_style not in _STYLES:
+        raise ValueError(f"length_penalty_style must be one of {_STYLES}, got "
+                         f"{length_penalty_style!r}")
+    if num_beams < 1 or max_decode_length < 1:
+        raise ValueError(f"beam_search needs num_beams >= 1 and max_decode_length >= 1, got "
+                         f"{num_beams} and {max_decode_length}")
+    options = (jnp.float32(length_penalty), jnp.bool_(length_penalty_style == "t5x"),
+               jnp.bool_(early_stopping is True), jnp.bool_(early_stopping == "never"))
+    return _beam_search(model, params, encoder_input_tokens, max_decode_length, num_beams,
+                        *options, prefix_embeddings, prefix_mask, eos_id)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 11))
+def _beam_search(model, params, encoder_input_tokens, max_decode_length, num_beams, alpha,
+                 t5x_style, stop_when_full, never, prefix_embeddings, prefix_mask, eos_id):
+    penalty = functools.partial(_penalty, alpha=alpha, t5x_style=t5x_style)
+    encoded, mask = model.apply({"params": params}, encoder_input_tokens, prefix_embeddings,
+                                prefix_mask, method=T5.encode)
+    batch, k, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
+    # Beams of example b are rows b*K .. b*K+K-1 of the flat decoder batch.
+    encoded, mask = jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0)
+    cache = init_cache(model, params, encoded, mask, length)
+    top_k_of_2k = jnp.arange(2 * k) < k
+
+    def cond(state):
+        step, done = state[0], state[-1]
+        return (step < length) & ~jnp.all(done)
+
+    def body(state):
+        (step, cache, live_seqs, live_scores, seqs, scores, finished, improvable, _) = state
+        previous = jnp.where(step > 0, live_seqs[:, :, jnp.maximum(step - 1, 0)], 0)
+        log_probs, cache = decode_step(model, params, cache, encoded, mask, previous.reshape(-1))
+        vocab = log_probs.shape[-1]
+        log_probs = log_probs.reshape(batch, k, vocab) + live_scores[:, :, None]
+        top_scores, top_ids = jax.lax.top_k(log_probs.reshape(batch, k * vocab), 2 * k)
+        source, token = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
+        candidates = _gather(live_seqs, source).at[:, :, step].set(token)
+        ends = (token == eos_id) | (step + 1 >= length)
+
+        # Live beams: the best K candidates that did not just end.
+        running = top_scores + ends.astype(jnp.float32) * _NEG
+        _, keep = jax.lax.top_k(running, k)
+        live_seqs, live_scores = _gather(candidates, keep), _gather(running, keep)
+        rows = (jnp.arange(batch)[:, None] * k + _gather(source, keep)).reshape(-1)
+        cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, cache)  # not the indices
+
+        # Finished set: merge the candidates among the top K that just ended.
+        just_finished = ends & top_k_of_2k[None]
+        new_scores = top_scores / penalty(step + 1)
+        full = jnp.all(finished, axis=1, keepdims=True) & stop_when_full
+        new_scores = new_scores + full.astype(jnp.float32) * _NEG
+        new_scores = new_scores + (~improvable).astype(jnp.float32)[:, None] * _NEG
+        new_scores = new_scores + (~just_finished).astype(jnp.float32) * _NEG
+        merged_scores = jnp.concatenate([scores, new_scores], axis=1)
+        _, best = jax.lax.top_k(merged_scores, k)
+        seqs = _gather(jnp.concatenate([seqs, candidates], axis=1), best)
+        finished = _gather(jnp.concatenate([finished, just_finished], axis=1), best)
+        scores = _gather(merged_scores, best)
+
+        # Can the best live beam still beat the worst finished hypothesis?
+        hypothetical = jnp.where(never & (alpha > 0), length, step + 1)
+        best_live = live_scores[:, :1] / penalty(hypothetical)
+        worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
+        improvable = improvable & jnp.any(best_live > worst, axis=1)
+        done = ~improvable | (stop_when_full & jnp.all(finished, axis=1))
+        return (step + 1, cache, live_seqs, live_scores, seqs, scores, finished, improvable,
+                done)
+
+    zeros = jnp.zeros((batch, k, length), jnp.int32)
+    live_scores = jnp.where(jnp.arange(k) == 0, 0.0, _NEG) * jnp.ones((batch, 1), jnp.float32)
+    start = (jnp.array(0, jnp.int32), cache, zeros, live_scores, zeros,
+             jnp.full((batch, k), _NEG, jnp.float32), jnp.zeros((batch, k), bool),
+             jnp.ones((batch,), bool), jnp.zeros((batch,), bool))
+    state = jax.lax.while_loop(cond, body, start)
+    return state[4], state[5]
