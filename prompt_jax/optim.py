@@ -153,3 +153,13 @@ def merge_params(trainable: Any, frozen: Any) -> dict[str, Any]:
         raise ValueError(f"parameters both trainable and frozen: {overlap[:5]}"
                          f"{f' ({len(overlap)} in all)' if len(overlap) > 5 else ''}")
     return unflatten({**flat_f, **flat_t})
+
+
+def rsqrt_schedule(base: float = 1.0, warmup_steps: int = 10_000) -> optax.Schedule:
+    """T5's pretraining learning rate: base / sqrt(max(step, warmup_steps)) (0.01 for the first
+    10,000 steps with the defaults)."""
+
+    def schedule(count):
+        return base * jax.lax.rsqrt(jnp.maximum(count.astype(jnp.float32), warmup_steps))
+
+    return schedule

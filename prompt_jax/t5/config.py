@@ -133,6 +133,19 @@ SIZES: dict[str, dict[str, Any]] = {
         gated_gelu=True,
         tie_embeddings=False,
     ),
+    # The in-house backbone of the CPU-scale demo and reproductions (scripts/pretrain_tiny.py):
+    # gated GELU as T5 1.1, embeddings tied so that the committed checkpoint stays small.
+    "inhouse_tiny": dict(
+        vocab_size=32128,
+        d_model=64,
+        d_kv=16,
+        d_ff=256,
+        num_heads=4,
+        num_encoder_layers=4,
+        num_decoder_layers=4,
+        gated_gelu=True,
+        tie_embeddings=True,
+    ),
 }
 SIZES["t5_1_1_lm100k_small"] = SIZES["t5_1_1_small"]
 SIZES["t5_1_1_lm100k_base"] = SIZES["t5_1_1_base"]

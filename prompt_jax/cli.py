@@ -1,0 +1,241 @@
+"""`prompt-jax`: gin-configured jobs, as t5x users expect.
+
+    prompt-jax train  [--gin_file=F]... [--gin.NAME=VALUE]... [--gin_search_paths=P,...]
+                      [--dry_run] [--overwrite] [--verbose]
+    prompt-jax eval   [--gin_file=F]... [--gin.NAME=VALUE]...
+    prompt-jax infer  [--gin_file=F]... [--gin.NAME=VALUE]... [PROMPT.npy ...]
+    prompt-jax inspect PROMPT.npy [--checkpoint=DIR] [--k=5]
+
+Gin files are looked up in the current directory, in `--gin_search_paths`, and in
+the configs shipped with prompt_jax (`runs/`, `models/`, `prompts/`, `decoding/`).
+Later files and `--gin.` bindings win. With no `--gin_file`, `train`, `eval` and
+`infer` run the embedded demo (`demo.gin`: a tiny T5 on data bundled with the
+package, writing to ./prompt_jax_demo unless `--gin.MODEL_DIR` says otherwise).
+
+Errors are one line naming the thing and what was expected, and exit non-zero;
+`--verbose` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Sequence
+
+DEMO_GIN = {"train": "demo.gin", "eval": "demo_eval.gin", "infer": "demo_infer.gin"}
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the gin config."""
+
+
+def gin_dir() -> str:
+    import prompt_jax.gin_configs as configs
+
+    return os.path.dirname(os.path.abspath(configs.__file__))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prompt-jax", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("train", "eval", "infer"):
+        s = sub.add_parser(name, help=f"run the {name} job")
+        s.add_argument("--gin_file", action="append", default=[],
+                       help="gin file (repeatable; later files win)")
+        s.add_argument("--gin_search_paths", default="",
+                       help="comma-separated directories to look up gin files in")
+        s.add_argument("--verbose", action="store_true", help="tracebacks and library logs")
+        if name == "train":
+            s.add_argument("--dry_run", action="store_true",
+                           help="print per-device memory for the config and mesh; allocate "
+                                "nothing")
+            s.add_argument("--overwrite", action="store_true",
+                           help="start over in a MODEL_DIR that holds a different run")
+        if name == "infer":
+            s.add_argument("prompt_files", nargs="*",
+                           help="prompt .npy files; several make an ensemble")
+    s = sub.add_parser("inspect", help="nearest vocabulary tokens of each prompt position")
+    s.add_argument("prompt_file")
+    s.add_argument("--checkpoint", default=None,
+                   help="the frozen model whose embedding table to compare with (default: the "
+                        "demo's)")
+    s.add_argument("--vocab", default=None, help="SentencePiece model (default: the bundled T5 "
+                                                  "vocabulary)")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--verbose", action="store_true")
+    return p
+
+
+def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate `--gin.NAME=VALUE` bindings (gin syntax on the right) from the rest."""
+    bindings, rest = [], []
+    for arg in argv:
+        if arg.startswith("--gin."):
+            body = arg[len("--gin."):]
+            if "=" not in body:
+                raise UsageError(f"{arg}: expected --gin.NAME=VALUE")
+            name, value = body.split("=", 1)
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(arg)
+    return bindings, rest
+
+
+def _prepare_libraries(verbose: bool) -> None:
+    """TensorFlow (for tf.data only) sees no GPU, so it never takes accelerator memory from
+    JAX; without --verbose its start-up chatter and library warnings are hidden."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        logging.getLogger("jax").setLevel(logging.ERROR)
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    with _stderr_silenced(not verbose):  # TF prints CUDA-stub lines before its logging starts
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    if not verbose:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+@contextlib.contextmanager
+def _stderr_silenced(active: bool):
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def parse_gin(command: str, files: Sequence[str], bindings: Sequence[str],
+              search_paths: str) -> None:
+    """Register the jobs, parse files + bindings, and check the required/unknown macros."""
+    import gin
+
+    from prompt_jax import evaluation, infer, partitioning, tasks, train  # noqa: F401 (gin)
+
+    if not gin.config._REGISTRY.matching_selectors("distributed"):
+        gin.external_configurable(partitioning.initialize_distributed, "distributed")
+
+    gin.clear_config()
+    for path in [p for p in search_paths.split(",") if p] + [os.getcwd(), gin_dir()]:
+        gin.add_config_file_search_path(path)
+    files = list(files) or [DEMO_GIN[command]]
+    # gin logs an error for every search path a file is not in; the real error is raised.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        gin.parse_config_files_and_bindings(files, None, finalize_config=False)
+        file_macros = _macros()
+        gin.parse_config_files_and_bindings(None, bindings, finalize_config=False)
+    except (ValueError, OSError, SyntaxError) as e:
+        raise UsageError(_one_line(str(e))) from None
+    finally:
+        root.setLevel(level)
+    config = gin.config_str()
+    for name in _macros() - file_macros:
+        if f"%{name}" not in config:
+            known = sorted(file_macros)
+            close = difflib.get_close_matches(name, known, n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise UsageError(f"--gin.{name}: no config uses macro {name}{hint}")
+    defined = _macros()
+    missing = [name for name in sorted(set(re.findall(r"%([A-Z][A-Z0-9_]*)\b", config)))
+               if name not in defined
+               or str(gin.query_parameter(f"%{name}")) == "%gin.REQUIRED"]
+    if missing:
+        raise UsageError(f"missing required macro{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)}: set "
+                         + ", ".join(f"--gin.{name}=..." for name in missing)
+                         + " or bind them in a gin file")
+
+
+def _macros() -> set[str]:
+    import gin
+
+    return {name for (name, selector) in gin.config._CONFIG if selector == "gin.macro"}
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines[:3])
+
+
+def run(argv: Sequence[str]) -> int:
+    bindings, rest = split_gin_args(argv)
+    args = _parser().parse_args(rest)
+    _prepare_libraries(args.verbose)
+    if args.command == "inspect":
+        from prompt_jax import infer
+
+        print(infer.inspect_prompt(args.prompt_file, args.checkpoint, args.vocab, args.k))
+        return 0
+
+    parse_gin(args.command, args.gin_file, bindings, args.gin_search_paths)
+    _init_distributed()
+    if args.command == "train":
+        from prompt_jax import train
+
+        result = train.train(dry_run=args.dry_run, overwrite=args.overwrite)
+        if result is not None and result.best:
+            b = result.best
+            print(f"done: step {result.step}; best {b['metric']}={b['value']:.4g} at step "
+                  f"{b['step']}")
+        return 0
+    if args.command == "eval":
+        from prompt_jax import evaluation
+
+        evaluation.evaluate()
+        return 0
+    from prompt_jax import infer
+
+    infer.infer(prompt_files=tuple(args.prompt_files) or None)
+    return 0
+
+
+def _init_distributed() -> None:
+    """Multi-host setup from NUM_PROCESSES/PROCESS_ID/COORDINATOR_ADDRESS (or the JAX_*
+    environment variables), before anything touches a device."""
+    import gin
+
+    from prompt_jax import partitioning
+
+    del partitioning  # `distributed` is partitioning.initialize_distributed, bound by gin
+    gin.get_configurable("distributed")()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # one line, naming the thing; traceback only with --verbose
+        if verbose:
+            traceback.print_exc()
+        message = _one_line(str(e)) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

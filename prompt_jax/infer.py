@@ -1,0 +1,282 @@
+"""The infer job and `prompt-jax inspect`: serving prompts on one frozen model.
+
+    prompt-jax infer [PROMPT.npy ...] --gin_file=runs/prompt_infer.gin ...
+
+Inputs come from a task split (`MIXTURE_OR_TASK_NAME`, `INFER_SPLIT`) or from
+`INPUT_FILE`: JSONL with an `inputs` string per line (optional `targets`, and
+`task` to serve several tasks' prompts in mixed batches, with
+`infer.prompt_files_by_task = {'task': 'file.npy', ...}`), or TSV whose first
+column is the input (optional second column: the task). Several prompt files for
+one task form an ensemble (paper §6): every prompt runs in the same batched pass
+and the prediction is their majority vote. Predictions are written as JSONL, with
+the summed log-probability of the decoded tokens as `score`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_jax import build, decoding, partitioning, prompts, serving
+from prompt_jax.pytree import flatten
+from prompt_jax.t5.model import T5
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecodingSpec:
+    """Greedy (num_beams=1) or beam search with T5X's length penalty ((5+len)/6)**alpha."""
+
+    num_beams: int = 1
+    length_penalty: float = 0.6
+    max_decode_length: int | None = None  # default: TASK_FEATURE_LENGTHS['targets']
+
+
+@dataclasses.dataclass
+class Example:
+    inputs: str
+    ids: list[int]
+    targets: str | None = None
+    task: str | None = None
+    raw: dict[str, Any] | None = None  # the task example, for postprocessing
+
+
+@gin.configurable(denylist=["prompt_files"])
+def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          model: build.ModelSpec = build.ModelSpec(), model_dir: str | None = None,
+          mixture_or_task_name: str | None = None, split: str = "validation",
+          prompt_file: str | None = None, prompt_files: Sequence[str] | None = None,
+          prompt_files_by_task: Mapping[str, str] | None = None,
+          input_file: str | None = None, output_file: str | None = None,
+          batch_size: int = 32, max_examples: int | None = None,
+          decoding_spec: DecodingSpec = DecodingSpec(),
+          mesh_shape: Sequence[int] = (-1, 1), seed: int = 0) -> list[dict[str, Any]]:
+    """Write predictions (see the module docstring); returns the records written."""
+    from prompt_jax import tasks
+
+    prompt_files = list(prompt_files or ([prompt_file] if prompt_file else []))
+    if not prompt_files and not prompt_files_by_task and model_dir:
+        best = os.path.join(model_dir, "best_prompt.npy")
+        if os.path.exists(best):
+            prompt_files = [best]
+    output_file = output_file or (os.path.join(model_dir, "predictions.jsonl") if model_dir
+                                  else None)
+    if not output_file:
+        raise ValueError("infer: set OUTPUT_FILE (or MODEL_DIR) for the predictions")
+
+    mesh = partitioning.make_mesh(mesh_shape)
+    config, frozen = build.load_frozen(model, initial_checkpoint, model_dir, seed)
+    t5 = T5(config)
+    params = build.place_params(t5, frozen, mesh)
+    vocab = tasks.get_vocabulary()
+
+    # Prompts: one, an ensemble, or one per task.
+    by_task = dict(prompt_files_by_task or {})
+    names = list(by_task) if by_task else [f"prompt_{i}" for i in range(len(prompt_files))]
+    files = list(by_task.values()) if by_task else prompt_files
+    loaded = [prompts.load_prompt(f) for f in files]
+    for f, p in zip(files, loaded, strict=True):
+        if p.shape[1] != config.d_model:
+            raise ValueError(f"{f}: prompt has shape {p.shape}, expected [P, {config.d_model}] "
+                             "(d_model of the frozen model)")
+    packed, packed_mask = serving.pack_prompts(loaded) if loaded else (None, None)
+    prompt_len = packed.shape[1] if loaded else 0
+    budget = task_feature_lengths["inputs"] - prompt_len
+    if budget <= 0:
+        raise ValueError(f"prompts of length {prompt_len} leave no room for inputs in "
+                         f"TASK_FEATURE_LENGTHS['inputs']={task_feature_lengths['inputs']}")
+
+    if input_file:
+        examples = list(read_inputs(input_file, vocab))
+    elif mixture_or_task_name:
+        examples = list(task_examples(mixture_or_task_name, split, budget))
+    else:
+        raise ValueError("infer: set INPUT_FILE or MIXTURE_OR_TASK_NAME")
+    examples = examples[:max_examples] if max_examples else examples
+    if not examples:
+        raise ValueError(f"infer: no examples in {input_file or mixture_or_task_name}")
+    truncated = sum(len(e.ids) > budget for e in examples)
+    if truncated:
+        print(f"{truncated} of {len(examples)} inputs truncated to {budget} tokens "
+              f"(TASK_FEATURE_LENGTHS['inputs'] - prompt length)", flush=True)
+
+    if by_task:
+        unknown = sorted({e.task for e in examples} - set(by_task))
+        if unknown:
+            raise ValueError(f"{input_file}: examples of task(s) {unknown} have no prompt in "
+                             f"infer.prompt_files_by_task (has {sorted(by_task)})")
+        row_prompt = np.array([names.index(e.task) for e in examples], np.int32)
+    else:
+        row_prompt = np.zeros(len(examples), np.int32)
+
+    max_len = decoding_spec.max_decode_length or task_feature_lengths["targets"]
+    records = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        tokens = _pad_ids([e.ids for e in chunk], budget, batch_size)
+        batch = partitioning.replicated_batch({"tokens": tokens}, mesh)["tokens"]
+        if len(loaded) > 1 and not by_task:  # an ensemble: every prompt, one pass
+            out, scores = serving.ensemble_greedy_decode(t5, params, batch, jnp.asarray(packed),
+                                                         max_len, jnp.asarray(packed_mask))
+            out, scores = np.asarray(out), np.asarray(scores)
+            voted, votes = serving.majority_vote(out)
+            for i, e in enumerate(chunk):
+                records.append(_record(e, vocab, voted[i], None, {
+                    "predictions": {n: _text(vocab, out[i, j]) for j, n in enumerate(names)},
+                    "scores": {n: float(scores[i, j]) for j, n in enumerate(names)},
+                    "votes": int(votes[i])}))
+            continue
+        prefix = mask = None
+        if loaded:
+            idx = np.zeros(batch_size, np.int32)
+            idx[:len(chunk)] = row_prompt[start:start + len(chunk)]
+            prefix, mask = serving.mixed_batch_prefix(packed, packed_mask, idx)
+        out, scores = _decode(t5, params, batch, max_len, prefix, mask, decoding_spec)
+        for i, e in enumerate(chunk):
+            records.append(_record(e, vocab, out[i], float(scores[i])))
+
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+        with open(output_file, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(records)} predictions to {output_file}", flush=True)
+    if mixture_or_task_name and not input_file:
+        metrics = task_metrics(mixture_or_task_name, examples, records)
+        if metrics:
+            print(f"{mixture_or_task_name} {split}: "
+                  + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    return records
+
+
+def _decode(model, params, tokens, max_len, prefix, mask, spec: DecodingSpec):
+    if spec.num_beams > 1:
+        out, scores = decoding.beam_search(model, params, tokens, max_len, spec.num_beams,
+                                           spec.length_penalty, prefix, mask)
+        return np.asarray(out)[:, 0], np.asarray(scores)[:, 0]
+    out, scores = decoding.greedy_decode(model, params, tokens, max_len, prefix, mask)
+    return np.asarray(out), np.asarray(scores)
+
+
+def _pad_ids(rows: list[list[int]], length: int, batch: int) -> np.ndarray:
+    """Rows truncated to `length` (EOS kept last) and padded to a full batch."""
+    out = np.zeros((batch, length), np.int32)
+    for i, ids in enumerate(rows):
+        ids = ids if len(ids) <= length else ids[:length - 1] + [decoding.EOS_ID]
+        out[i, :len(ids)] = ids
+    return out
+
+
+def _text(vocab, tokens) -> str:
+    from prompt_jax.evaluation import trim_at_eos
+
+    return vocab.decode(trim_at_eos(np.asarray(tokens)))
+
+
+def _record(e: Example, vocab, tokens, score, extra=None) -> dict[str, Any]:
+    r = {"inputs": e.inputs, "prediction": _text(vocab, tokens)}
+    if score is not None:
+        r["score"] = score
+    if e.task:
+        r["task"] = e.task
+    if e.targets is not None:
+        r["targets"] = e.targets
+    r.update(extra or {})
+    return r
+
+
+def read_inputs(path: str, vocab) -> Iterator[Example]:
+    """Examples from a JSONL (`inputs`, optional `targets`, `task`) or TSV file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: input file does not exist")
+    eos = [decoding.EOS_ID]
+    with open(path, newline="") as f:
+        if path.endswith((".tsv", ".txt")):
+            for n, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+                if not row or not row[0].strip():
+                    raise ValueError(f"{path}:{n}: empty input")
+                task = row[1] if len(row) > 1 and row[1] else None
+                yield Example(row[0], list(vocab.encode(row[0])) + eos, task=task)
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), str):
+                raise ValueError(f"{path}:{n}: expected an object with an 'inputs' string")
+            yield Example(obj["inputs"], list(vocab.encode(obj["inputs"])) + eos,
+                          obj.get("targets"), obj.get("task"))
+
+
+def task_examples(name: str, split: str, budget: int) -> Iterator[Example]:
+    """A task split's examples (preprocessed as the task does), in order."""
+    import seqio
+
+    provider = seqio.get_mixture_or_task(name)
+    for task in getattr(provider, "tasks", [provider]):
+        ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
+                              trim_output_features=False)
+        for ex in ds.as_numpy_iterator():
+            yield Example(_str(ex.get("inputs_pretokenized")), list(ex["inputs"]),
+                          _str(ex.get("targets_pretokenized")), task.name, ex)
+
+
+def _str(x) -> str | None:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def task_metrics(name: str, examples: Sequence[Example], records: Sequence[dict]
+                 ) -> dict[str, float]:
+    """The task's metrics on the predictions (postprocessed as the task does)."""
+    import seqio
+
+    from prompt_jax.evaluation import flat_metrics
+
+    results = {}
+    for task_name in sorted({e.task for e in examples}):
+        task = seqio.get_mixture_or_task(task_name)
+        rows = [(e, r) for e, r in zip(examples, records, strict=True) if e.task == task_name]
+        post = task.postprocess_fn
+        targets = [post(e.targets, example=e.raw, is_target=True) for e, _ in rows]
+        preds = [post(r["prediction"], example=e.raw, is_target=False) for e, r in rows]
+        metrics = {}
+        for fn in task.predict_metric_fns:
+            metrics.update({k: float(getattr(v, "value", v))
+                            for k, v in fn(targets, preds).items()})
+        results[task_name] = metrics
+    return flat_metrics(results) if results else {}
+
+
+def inspect_prompt(prompt_file: str, checkpoint: str | None, vocab_path: str | None,
+                   k: int = 5) -> str:
+    """The nearest vocabulary tokens (cosine) of each prompt position, as a table."""
+    import seqio
+
+    from prompt_jax.checkpoints import load_checkpoint
+
+    prompt = prompts.load_prompt(prompt_file)
+    if checkpoint is None:
+        raise ValueError("inspect: pass --checkpoint (the frozen model the prompt was trained "
+                         "with; its embedding table defines the neighbours)")
+    _, params = load_checkpoint(checkpoint)
+    embedding = np.asarray(flatten(params)["token_embedder/embedding"], np.float32)
+    if prompt.shape[1] != embedding.shape[1]:
+        raise ValueError(f"{prompt_file}: prompt has shape {prompt.shape}, expected "
+                         f"[P, {embedding.shape[1]}] to match {checkpoint}")
+    vocab = seqio.SentencePieceVocabulary(vocab_path or build.demo_path("spiece.model"),
+                                          extra_ids=100)
+    ids, sims = serving.nearest_neighbours(prompt, embedding, k)
+    return serving.format_neighbours(ids, sims, vocab)
