@@ -54,7 +54,13 @@ def vocab_path() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
-    return seqio.SentencePieceVocabulary(path, extra_ids=EXTRA_IDS)
+    vocab = seqio.SentencePieceVocabulary(path, extra_ids=EXTRA_IDS)
+    try:
+        _ = vocab.tokenizer  # seqio loads lazily; load now so a bad file is named here
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError on a non-model file
+        raise ValueError(f"{path}: not a SentencePiece model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    return vocab
 
 
 def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:

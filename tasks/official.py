@@ -101,8 +101,14 @@ def official_file(data_dir: str, task: str, split: str) -> pathlib.Path:
 def read_rows(data_dir: str, task: str, split: str) -> list[dict]:
     """All rows of `split` of `task` from the official file, validated."""
     path = official_file(data_dir, task, split)
-    if task in GLUE_DIRS:
-        return list(_glue_rows(path, task, split))
+    rows = list(_glue_rows(path, task, split)) if task in GLUE_DIRS else _jsonl_rows(path, task,
+                                                                                     split)
+    if not rows:
+        raise ValueError(f"{path}: the {split} split of {task} holds no example")
+    return rows
+
+
+def _jsonl_rows(path: pathlib.Path, task: str, split: str) -> list[dict]:
     parse = _JSONL_PARSERS.get(task, _flat_row)
     rows = []
     with open(path, encoding="utf-8") as f:

@@ -169,10 +169,6 @@ def load_hf(directory: str, config: T5Config | None = None) -> tuple[T5Config, d
             found = config_from_hf(json.load(f), config_path)
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    if config is not None:
-        from prompt_jax.checkpoints.tree import check_config
-
-        found = check_config(found, config, config_path)
     tensors = _read_tensors(directory)
     flat: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
@@ -191,10 +187,12 @@ def load_hf(directory: str, config: T5Config | None = None) -> tuple[T5Config, d
                 flat["token_embedder/embedding"] = tensors[copy]
                 break
     params = unflatten(flat)
-    check_params(params, found, directory)
+    # Against the configured model when one is given: a different architecture is named
+    # by its first mismatching parameter and both shapes.
+    check_params(params, config or found, directory)
     if config is not None:
         params = _cast(params, config.weight_dtype)
-    return found, params
+    return config or found, params
 
 
 def _cast(params: dict[str, Any], dtype) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from prompt_jax.checkpoints.tree import PROMPT_PATH, check_config, check_params
+from prompt_jax.checkpoints.tree import PROMPT_PATH, check_params
 from prompt_jax.pytree import flatten, unflatten
 from prompt_jax.t5.config import T5Config
 
@@ -136,7 +136,7 @@ def load_t5x(directory: str, config: T5Config | None = None
     if len(prompt) == 1:  # a prompt-tuned checkpoint: keep its prompt under our name
         arrays[PROMPT_PATH] = arrays.pop(prompt[0])
 
-    found = check_config(infer_config(arrays, directory), config, directory)
+    found = config or infer_config(arrays, directory)
     prompt_length = arrays[PROMPT_PATH].shape[0] if PROMPT_PATH in arrays else 0
     params = unflatten(arrays)
     check_params(params, found, directory, prompt_length)

@@ -44,18 +44,3 @@ def check_params(params: dict[str, Any], config: T5Config, source: str,
         if want[name] != have[name]:
             raise ValueError(f"{source}: parameter {name} has shape {have[name]}, "
                              f"expected {want[name]}")
-
-
-def check_config(found: T5Config, expected: T5Config | None, source: str) -> T5Config:
-    """Compare an inferred config with the one the caller expects; fields not inferable
-    from shapes (`dropout_rate`, dtypes, `relative_attention_max_distance`, epsilon) come
-    from `expected`."""
-    if expected is None:
-        return found
-    for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
-                  "num_decoder_layers", "relative_attention_num_buckets", "gated_gelu",
-                  "tie_embeddings"):
-        if getattr(found, field) != getattr(expected, field):
-            raise ValueError(f"{source}: checkpoint has {field}={getattr(found, field)}, "
-                             f"the configured model has {field}={getattr(expected, field)}")
-    return expected
