@@ -132,6 +132,10 @@ def parse_gin(command: str, files: Sequence[str], bindings: Sequence[str],
         gin.external_configurable(partitioning.initialize_distributed, "distributed")
 
     gin.clear_config()
+    # gin also reads 'a/b.gin' as file b.gin of a Python package `a`; a plain directory of
+    # that name on sys.path (e.g. ./runs) makes that reader crash. Files come from the search
+    # paths only.
+    gin.config._FILE_READERS[:] = [(open, os.path.isfile)]
     for path in [p for p in search_paths.split(",") if p] + [os.getcwd(), gin_dir()]:
         gin.add_config_file_search_path(path)
     files = list(files) or [DEMO_GIN[command]]
@@ -172,6 +176,8 @@ def _macros() -> set[str]:
 
 
 def _one_line(message: str) -> str:
+    # gin appends where a configurable was called; the message already names the thing.
+    message = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", "", message)
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return " ".join(lines[:3])
 

@@ -33,6 +33,18 @@ from prompt_jax.tasks import benchmarks
 _CONVERTER = seqio.EncDecFeatureConverter(pack=False)
 
 
+def check_name(name: str) -> None:
+    """Raise a ValueError with the closest registered names if `name` is not a task/mixture."""
+    import difflib
+
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    if name not in known:
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"MIXTURE_OR_TASK_NAME={name!r} is not a registered task or "
+                         f"mixture{hint} (prompt_jax.tasks lists them)")
+
+
 def encoder_length(feature_lengths: Mapping[str, int], prompt_length: int) -> int:
     """Tokens left to the input text once the prompt takes its P positions."""
     if set(feature_lengths) != {"inputs", "targets"}:

@@ -94,7 +94,8 @@ class TaskEvaluator:
                                                    self.max_decode_length)
                 tokens = np.asarray(jax.device_get(tokens))
                 for i in range(n):
-                    out.append((int(index[i]), trim_at_eos(tokens[i])))
+                    # Fixed length (seqio stacks them); vocab.decode stops at EOS.
+                    out.append((int(index[i]), [int(t) for t in tokens[i]]))
             return out
 
         return predict
@@ -191,8 +192,9 @@ def evaluate(*, mixture_or_task_name: str = gin.REQUIRED,
     weights keeps them in MODEL_DIR/base_model, which is used when `initial_checkpoint`
     is None. Prints the metrics and, with a MODEL_DIR, writes `eval_<split>.json` there.
     """
-    from prompt_jax import partitioning, prompts
+    from prompt_jax import data, partitioning, prompts
 
+    data.check_name(mixture_or_task_name)
     if prompt_file is None and model_dir:
         candidate = os.path.join(model_dir, "best_prompt.npy")
         prompt_file = candidate if os.path.exists(candidate) else None

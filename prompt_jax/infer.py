@@ -99,6 +99,9 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
     if input_file:
         examples = list(read_inputs(input_file, vocab))
     elif mixture_or_task_name:
+        from prompt_jax import data
+
+        data.check_name(mixture_or_task_name)
         examples = list(task_examples(mixture_or_task_name, split, budget))
     else:
         raise ValueError("infer: set INPUT_FILE or MIXTURE_OR_TASK_NAME")

@@ -24,6 +24,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from prompt_jax import build, logs, optim, partitioning, prompts
 from prompt_jax.checkpoints import save_hf
@@ -35,6 +36,7 @@ from prompt_jax.trainer import LossConfig, TrainState, make_train_step
 
 gin.external_configurable(optim.adafactor, "adafactor")
 gin.external_configurable(optim.rsqrt_schedule, "rsqrt_schedule")
+gin.external_configurable(optax.piecewise_constant_schedule, "piecewise_constant_schedule")
 gin.external_configurable(LossConfig, "LossConfig")
 
 
@@ -73,6 +75,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     from prompt_jax import data, tasks  # tf/seqio: imported only by jobs that read data
 
     _check_args(train_steps, batch_size, eval_period, prompt_length, task_feature_lengths)
+    if prompt_length == 0 and tuple(trainable) == tuple(optim.DEFAULT_TRAINABLE):
+        raise ValueError("PROMPT_LENGTH=0 leaves nothing to train: prompt tuning needs "
+                         "PROMPT_LENGTH > 0 (model tuning sets TRAINABLE=['.*'])")
+    data.check_name(mixture_or_task_name)
     checkpoint_period = checkpoint_period or eval_period
     config = model.config()
     mesh = partitioning.make_mesh(mesh_shape)
@@ -135,6 +141,11 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         _say(f"resuming {model_dir} from step {start_step}")
 
     # ---- data
+    for split in ("train",) + ((eval_split,) if eval_split else ()):
+        truncation = data.count_truncated(mixture_or_task_name, split, task_feature_lengths,
+                                          prompt_length)
+        if truncation.truncated:
+            _say(f"{split}: {truncation}")
     shard_index, num_shards = partitioning.data_shard(mesh)
     per_process = batch_size // num_shards
     train_ds = data.get_dataset(mixture_or_task_name, "train", task_feature_lengths,
@@ -161,6 +172,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                                       out_shardings=shardings)
 
     # ---- loop
+    _write_config(model_dir)
     stop = _SignalFlag()
     progress = logs.Progress(train_steps, start_step, batch_size)
     step, pending = start_step, None
@@ -253,13 +265,14 @@ def _check_args(train_steps, batch_size, eval_period, prompt_length, lengths) ->
 
 
 def _prepare_model_dir(model_dir: str, overwrite: bool) -> None:
-    """Write the operative config; refuse a MODEL_DIR holding a run with another config."""
+    """Refuse a MODEL_DIR holding a run (checkpoints) with another config, unless
+    `overwrite`, which clears that run's outputs first."""
     path = os.path.join(model_dir, "config.gin")
-    current = _comparable(gin.config_str())
-    if os.path.exists(path) and not overwrite:
+    has_run = bool(TrainStateCheckpointer.existing_steps(os.path.join(model_dir, "checkpoints")))
+    if has_run and os.path.exists(path) and not overwrite:
         with open(path) as f:
             previous = _comparable(f.read())
-        if previous != current:
+        if previous != _comparable(gin.config_str()):
             raise ValueError(
                 f"{model_dir} holds a run with a different config ({path}); resume it with "
                 "the same config, choose another MODEL_DIR, or pass --overwrite to start over "
@@ -268,7 +281,7 @@ def _prepare_model_dir(model_dir: str, overwrite: bool) -> None:
         import shutil
 
         for name in ("checkpoints", "prompts", "tb", "metrics.jsonl", "best_prompt.npy",
-                     "best.json", "base_model"):
+                     "best.json", "base_model", "hf_export", "config.gin"):
             target = os.path.join(model_dir, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
@@ -276,13 +289,19 @@ def _prepare_model_dir(model_dir: str, overwrite: bool) -> None:
                 os.unlink(target)
     if logs.is_primary():
         os.makedirs(model_dir, exist_ok=True)
-        with open(path, "w") as f:
+
+
+def _write_config(model_dir: str) -> None:
+    """The run's config, written once everything it names has loaded."""
+    if logs.is_primary():
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())
 
 
 def _comparable(config: str) -> list[str]:
-    """Config lines minus comments/blank lines and the ones that may change on resume."""
-    skip = ("train.dry_run", "train.overwrite")
+    """Config lines minus comments, blank lines and what may change on resume: where the
+    run lives (a moved MODEL_DIR) and how long it runs (extending TRAIN_STEPS)."""
+    skip = ("MODEL_DIR =", "train.model_dir =", "TRAIN_STEPS =", "train.train_steps =")
     return sorted(line.strip() for line in config.splitlines()
                   if line.strip() and not line.lstrip().startswith("#")
                   and not line.strip().startswith(skip))

@@ -33,6 +33,13 @@ class TrainStateCheckpointer:
                                                  enable_async_checkpointing=False,
                                                  cleanup_tmp_directories=True))
 
+    @staticmethod
+    def existing_steps(directory: str) -> list[int]:
+        """Steps saved under `directory`, without opening a manager (finished saves only)."""
+        if not os.path.isdir(directory):
+            return []
+        return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
@@ -58,11 +65,15 @@ class TrainStateCheckpointer:
         for step in reversed(self.steps()):
             try:
                 tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
-            except Exception as e:  # a damaged step: say so and try the one before
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0])
+            except Exception as e:  # a damaged step: set it aside, say so, try the one before
+                aside = os.path.join(self.directory, f"{step}.unreadable")
+                if jax.process_index() == 0:
+                    os.replace(os.path.join(self.directory, str(step)), aside)
+                self.manager.reload()
+                log.warning("checkpoint %s/%d is unreadable (%s)", self.directory, step, e)
                 print(f"warning: checkpoint {self.directory}/{step} is unreadable "
-                      f"({type(e).__name__}); falling back to an older checkpoint", flush=True)
+                      f"({type(e).__name__}); moved it to {aside} and falling back to an "
+                      "older checkpoint", flush=True)
                 continue
             return flax.serialization.from_state_dict(abstract_state, tree), step
         return None
