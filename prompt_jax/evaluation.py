@@ -82,6 +82,9 @@ class TaskEvaluator:
                     ds = ds.take(num_examples)
                 self.loss_datasets[task.name] = ds.cache().enumerate()
         self._score = None
+        self._rank = None
+        self.candidates = {t.name: c for t in tasks
+                           if (c := _label_candidates(t, feature_lengths["targets"])) is not None}
 
     def predict_fn(self, params: Any) -> Callable:
         def predict(ds):
@@ -124,6 +127,32 @@ class TaskEvaluator:
 
         return scores
 
+    def rank_accuracy(self, params: Any) -> dict[str, float]:
+        """Rank classification, per classification task: every label string scored by its
+        log-likelihood in one batched pass, the argmax compared with the gold label."""
+        from prompt_jax import serving
+
+        if self._rank is None:
+            self._rank = jax.jit(lambda p, enc, cand: serving.score_targets(self.model, p, enc,
+                                                                            cand))
+        out = {}
+        for task, (candidates, labels) in self.candidates.items():
+            ds = self.loss_datasets.get(task)
+            gold = _gold_labels(self.evaluator, task, labels) if ds is not None else None
+            if not gold:
+                continue
+            correct = total = 0
+            for index, features, n in batches(ds, self.batch_size):
+                enc = self.shard_batch({"e": features["encoder_input_tokens"]})["e"]
+                scores = np.asarray(jax.device_get(self._rank(params, enc, candidates)))
+                for i in range(n):
+                    if int(index[i]) in gold:
+                        correct += int(np.argmax(scores[i]) == gold[int(index[i])])
+                        total += 1
+            if total:
+                out[task] = 100.0 * correct / total
+        return out
+
     def token_loss(self, params: Any) -> dict[str, float]:
         """Teacher-forced cross-entropy per target token, per task: {task: loss}."""
         score = self._log_likelihood_fn()
@@ -147,9 +176,50 @@ class TaskEvaluator:
                                                 score_fn=self.score_fn(params))
             results = {task: {k: _scalar(v) for k, v in metrics.items()}
                        for task, metrics in future.result().items()}
+        for task, value in self.rank_accuracy(params).items():
+            results.setdefault(task, {})["rank_accuracy"] = value
         for task, loss in self.token_loss(params).items():
             results.setdefault(task, {})["loss"] = loss
         return results
+
+
+def _label_candidates(task: Any, length: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """The tokenized label strings of a classification task as targets [C, length], or None."""
+    from prompt_jax import tasks
+    from prompt_jax.tasks import benchmarks
+
+    try:
+        labels = tasks.class_labels(task.name)
+    except ValueError:  # a task registered outside prompt_jax
+        return None
+    if not labels:
+        return None
+    vocab = task.output_features["targets"].vocabulary
+    prefix = [vocab.vocab_size - 1] if task.name.endswith(benchmarks.SENTINEL_SUFFIX) else []
+    rows = [prefix + list(vocab.encode(label)) + [decoding.EOS_ID] for label in labels]
+    if max(map(len, rows)) > length:
+        return None
+    out = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out, tuple(labels)
+
+
+def _gold_labels(evaluator: Any, task: str, labels: tuple[str, ...]) -> dict[int, int]:
+    """{example index: label index} from the cached task dataset's target strings."""
+    from prompt_jax.tasks import benchmarks
+
+    if evaluator is None or task not in evaluator.cached_task_datasets:
+        return {}
+    gold = {}
+    for i, ex in enumerate(evaluator.cached_task_datasets[task].as_numpy_iterator()):
+        text = ex.get("targets_pretokenized", b"")
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        text = text.removeprefix("<extra_id_0>").strip() if task.endswith(
+            benchmarks.SENTINEL_SUFFIX) else text
+        if text in labels:
+            gold[i] = labels.index(text)
+    return gold
 
 
 def _teacher(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
