@@ -81,22 +81,28 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     data.check_name(mixture_or_task_name)
     checkpoint_period = checkpoint_period or eval_period
     config = model.config()
+    if dry_run:  # a hypothetical mesh: the devices need not exist here
+        from prompt_jax import memory
+
+        shape = tuple(mesh_shape)
+        if -1 in shape:
+            other = shape[1 - shape.index(-1)]
+            shape = tuple(max(jax.device_count() // other, 1) if d == -1 else d for d in shape)
+        if batch_size % shape[0]:
+            raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the data-parallel "
+                             f"size {shape[0]} (MESH_SHAPE={shape})")
+        report = memory.memory_report(
+            config, shape, prompt_length=prompt_length, trainable_regexes=tuple(trainable),
+            batch_size=batch_size, input_length=task_feature_lengths["inputs"] - prompt_length,
+            target_length=task_feature_lengths["targets"], frozen_dtype=config.param_dtype,
+            activation_dtype=config.dtype)
+        print(memory.format_report(report))
+        return None
     mesh = partitioning.make_mesh(mesh_shape)
     data_parallel = mesh.shape["data"]
     if batch_size % data_parallel:
         raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size "
                          f"{data_parallel} (MESH_SHAPE={tuple(mesh.shape.values())})")
-    if dry_run:
-        from prompt_jax import memory
-
-        report = memory.memory_report(
-            config, tuple(mesh.shape.values()), prompt_length=prompt_length,
-            trainable_regexes=tuple(trainable), batch_size=batch_size,
-            input_length=task_feature_lengths["inputs"],
-            target_length=task_feature_lengths["targets"],
-            frozen_dtype=config.param_dtype, activation_dtype=config.dtype)
-        print(memory.format_report(report))
-        return None
 
     _prepare_model_dir(model_dir, overwrite)
     run_log = logs.RunLog(model_dir)

@@ -137,3 +137,22 @@ def test_misspelt_macro_suggests_the_right_one(capsys):
 
     assert cli_module.main(["train", "--gin.PROMPT_LENGHT=3"]) == 2
     assert "did you mean PROMPT_LENGTH?" in capsys.readouterr().err
+
+
+def test_dry_run_reports_memory_for_a_mesh_this_machine_lacks(tmp_path, capsys):
+    """T5 1.1 XXL prompt tuning on a 4x8 mesh with bf16 frozen weights: per-device figures
+    (the hand calculation is in test_memory.py), nothing allocated, nothing written."""
+    from prompt_jax import cli as cli_module
+
+    rc = cli_module.main([
+        "train", "--gin_file=models/t5_1_1_prompt.gin", "--gin_file=models/sizes/xxl.gin",
+        "--gin_file=runs/prompt_finetune.gin", f"--gin.MODEL_DIR='{tmp_path / 'xxl'}'",
+        "--gin.MIXTURE_OR_TASK_NAME='super_glue_rte'", "--gin.INITIAL_CHECKPOINT='unused'",
+        "--gin.MESH_SHAPE=(4, 8)", "--gin.ModelSpec.param_dtype='bfloat16'",
+        "--gin.ModelSpec.dtype='bfloat16'", "--dry_run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "mesh (data=4, model=8), 32 devices" in out
+    frozen = next(line for line in out.splitlines() if line.startswith("frozen parameters"))
+    assert "11,135,332,352" in frozen and frozen.rstrip().endswith("2.59 GiB")
+    assert not (tmp_path / "xxl").exists()
