@@ -112,13 +112,15 @@ class Truncation:
 
 
 def count_truncated(
-    task_or_mixture_name: str, split: str, feature_lengths: Mapping[str, int], prompt_length: int
+    task_or_mixture_name: str, split: str, feature_lengths: Mapping[str, int], prompt_length: int,
+    max_examples: int | None = None,
 ) -> Truncation:
     """Reads the split once (unshuffled) and counts the inputs `get_dataset` cuts.
 
     An input counts when its tokens plus EOS exceed `inputs - prompt_length`. The
     pretraining tasks size their pieces to fit and count 0 of 0. For a mixture, the
-    count is over the tasks that have the split.
+    count is over the tasks that have the split. `max_examples` caps the examples read
+    per task (large splits: the count is then over their first examples).
     """
     max_tokens = encoder_length(feature_lengths, prompt_length)
     provider = seqio.get_mixture_or_task(task_or_mixture_name)
@@ -131,6 +133,8 @@ def count_truncated(
             sequence_length={"inputs": None, "targets": feature_lengths["targets"]},
             split=split, shuffle=False, num_epochs=1, trim_output_features=False,
         )  # fmt: skip
+        if max_examples:
+            ds = ds.take(max_examples)
         for n in ds.map(lambda x: tf.size(x["inputs"])).as_numpy_iterator():
             total += 1
             truncated += int(n > max_tokens)

@@ -20,6 +20,7 @@ Prompt files are `.npy`, `[P, E]` float32: the format of the released prompts.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,7 +33,8 @@ import numpy as np
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...]], Array]
-PROMPT_AXES = ("prompt", "prompt_embed")  # replicated on every mesh (partitioning.py)
+PROMPT_AXES = ("prompt", "prompt_embed")
+log = logging.getLogger(__name__)  # replicated on every mesh (partitioning.py)
 
 
 class Vocabulary(Protocol):
@@ -73,9 +75,10 @@ def sampled_vocab(embedding: np.ndarray, population_size: int = 5000) -> Initial
 
 def _fill(rows: Sequence[np.ndarray], fallback: Initializer, rng: jax.Array,
           shape: tuple[int, ...], dtype, what: str) -> Array:
-    if len(rows) > shape[0]:
-        raise ValueError(f"{what}: {len(rows)} rows to place but the prompt has only "
-                         f"{shape[0]} positions (PROMPT_LENGTH)")
+    if len(rows) > shape[0]:  # as the reference: keep the first P, say what was dropped
+        log.warning("%s: %d rows for a prompt of %d positions; the last %d are not used",
+                    what, len(rows), shape[0], len(rows) - shape[0])
+        rows = rows[: shape[0]]
     prompt = np.array(fallback(rng, shape), dtype=np.float32)
     if rows:
         prompt[: len(rows)] = np.stack(rows)

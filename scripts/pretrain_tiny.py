@@ -27,6 +27,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+# The recipe's defaults (also read by the reproduction scripts, e.g. Figure 3d).
+SPAN_STEPS, LM_STEPS, BATCH_SIZE = 800, 200, 16
 
 
 def prompt_jax(*args: str) -> str:
@@ -39,33 +41,34 @@ def prompt_jax(*args: str) -> str:
     return proc.stdout
 
 
-def data_bindings(data_dir: str) -> list[str]:
-    vocab = os.path.join(data_dir, "t5", "spiece.model")
+def data_bindings(data_dir: str, vocab: str | None = None) -> list[str]:
+    vocab = vocab or os.path.join(data_dir, "t5", "spiece.model")
     return [f"--gin.prompt_jax.tasks.data_paths.data_dir='{data_dir}'",
             "--gin.prompt_jax.tasks.data_paths.text_files='superglue_glue_train'",
             f"--gin.prompt_jax.tasks.data_paths.vocab='{vocab}'"]
 
 
 def stage(name: str, gin_file: str, model_dir: str, steps: int, batch: int, extra: list[str],
-          data: list[str]) -> str:
+          data: list[str], size: str = "inhouse_tiny") -> str:
     export = os.path.join(model_dir, "hf_export")
     if os.path.isfile(os.path.join(export, "model.safetensors")):
         print(f"{name}: reusing {export}", flush=True)
         return export
-    prompt_jax("train", f"--gin_file={gin_file}", "--gin_file=models/sizes/inhouse_tiny.gin",
+    prompt_jax("train", f"--gin_file={gin_file}", f"--gin_file=models/sizes/{size}.gin",
                f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
                f"--gin.BATCH_SIZE={batch}", f"--gin.EVAL_PERIOD={max(steps // 4, 1)}",
                *extra, *data)
     return export
 
 
-def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str]) -> float:
+def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str],
+                 size: str = "inhouse_tiny") -> float:
     """Span-corruption cross-entropy per target token on the held-out documents."""
     out = os.path.join(model_dir, "eval_validation.json")
     if not os.path.exists(out):
         prompt_jax("eval", "--gin_file=runs/prompt_eval.gin",
                    "--gin_file=models/t5_1_1_prompt.gin",
-                   "--gin_file=models/sizes/inhouse_tiny.gin",
+                   f"--gin_file=models/sizes/{size}.gin",
                    "--gin.MIXTURE_OR_TASK_NAME='span_corruption'",
                    f"--gin.INITIAL_CHECKPOINT={repr(checkpoint)}",
                    f"--gin.MODEL_DIR='{model_dir}'",
@@ -83,34 +86,39 @@ def main() -> None:
     p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "pretrain_tiny"))
     p.add_argument("--out", default=os.path.join(REPO, "prompt_jax", "demo_data",
                                                  "inhouse_tiny_t5"))
-    p.add_argument("--span_steps", type=int, default=800)
-    p.add_argument("--lm_steps", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--span_steps", type=int, default=SPAN_STEPS)
+    p.add_argument("--lm_steps", type=int, default=LM_STEPS)
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    p.add_argument("--size", default="inhouse_tiny",
+                   help="a size in prompt_jax.t5.config.SIZES with a gin file "
+                        "models/sizes/<size>.gin (other in-house sizes: Figure 1 at CPU scale)")
+    p.add_argument("--vocab", default=None,
+                   help="SentencePiece model (default: <data_dir>/t5/spiece.model)")
     args = p.parse_args()
     data_dir = os.path.abspath(args.data_dir)
-    data = data_bindings(data_dir)
+    data = data_bindings(data_dir, args.vocab and os.path.abspath(args.vocab))
     work = os.path.abspath(args.work_dir)
 
     span = stage("span corruption", "runs/pretrain_span_corruption.gin",
                  os.path.join(work, "span_corruption"), args.span_steps, args.batch_size,
-                 [], data)
+                 [], data, args.size)
     lm = stage("LM adaptation", "runs/pretrain_lm_adaptation.gin",
                os.path.join(work, "lm_adaptation"), args.lm_steps, args.batch_size,
-               [f"--gin.INITIAL_CHECKPOINT='{span}'"], data)
+               [f"--gin.INITIAL_CHECKPOINT='{span}'"], data, args.size)
 
     # A random model of the same shape: the train job saves its random initial weights to
     # MODEL_DIR/base_model before the first step.
     random_dir = os.path.join(work, "random")
     if not os.path.isdir(os.path.join(random_dir, "base_model")):
         prompt_jax("train", "--gin_file=runs/pretrain_span_corruption.gin",
-                   "--gin_file=models/sizes/inhouse_tiny.gin", f"--gin.MODEL_DIR='{random_dir}'",
+                   f"--gin_file=models/sizes/{args.size}.gin", f"--gin.MODEL_DIR='{random_dir}'",
                    "--gin.TRAIN_STEPS=1", "--gin.EVAL_PERIOD=1", "--gin.train.eval_split=None",
                    "--gin.train.export_hf=False", *data)
     losses = {
         "random (same shape)": heldout_loss(os.path.join(random_dir, "base_model"),
-                                            os.path.join(work, "eval_random"), data),
-        "span corruption": heldout_loss(span, os.path.join(work, "eval_span"), data),
-        "+ LM adaptation": heldout_loss(lm, os.path.join(work, "eval_lm"), data),
+                                            os.path.join(work, "eval_random"), data, args.size),
+        "span corruption": heldout_loss(span, os.path.join(work, "eval_span"), data, args.size),
+        "+ LM adaptation": heldout_loss(lm, os.path.join(work, "eval_lm"), data, args.size),
     }
 
     # The committed copy: bfloat16 weights (half the bytes; the demo computes in float32).
@@ -131,16 +139,30 @@ def params_as(params, dtype):
     return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
 
 
+def describe(size: str) -> str:
+    from prompt_jax.t5.config import get_config
+
+    c = get_config(size)
+    return ", ".join([f"d_model {c.d_model}",
+                      f"{c.num_encoder_layers}+{c.num_decoder_layers} layers",
+                      "gated GELU" if c.gated_gelu else "ReLU",
+                      "tied embeddings" if c.tie_embeddings else "untied embeddings",
+                      "T5's 32k vocabulary"])
+
+
 def write_report(args, losses: dict[str, float], data_dir: str) -> None:
     rows = "\n".join(f"| {name} | {loss:.3f} |" for name, loss in losses.items())
-    text = f"""# In-house tiny T5 (`inhouse_tiny`)
+    default = args.size == "inhouse_tiny"
+    title = "In-house tiny T5" if default else "In-house T5"
+    command = "python scripts/pretrain_tiny.py" + ("" if default else f" --size {args.size}")
+    text = f"""# {title} (`{args.size}`)
 
-Built by `python scripts/pretrain_tiny.py` on {datetime.date.today().isoformat()}: span corruption
+Built by `{command}` on {datetime.date.today().isoformat()}: span corruption
 for {args.span_steps} steps, then LM adaptation (prefix LM) for {args.lm_steps} steps, batch
 {args.batch_size}, from random weights, on the text of the SuperGLUE/GLUE training files found in
 `{os.path.relpath(data_dir, REPO)}` (SuperGLUE RTE and WSC; their origin is in
-../README.md). Shapes: `prompt_jax.t5.config.SIZES['inhouse_tiny']` (d_model 64, 4+4 layers,
-gated GELU, tied embeddings, T5's 32k vocabulary); weights stored in bfloat16.
+../README.md). Shapes: `prompt_jax.t5.config.SIZES['{args.size}']` ({describe(args.size)});
+weights stored in bfloat16.
 
 Held-out span-corruption loss (cross-entropy per target token, inputs 128 / targets 32, on the
 documents the text source holds out as `validation`):

@@ -53,10 +53,11 @@ def test_class_labels_rows_are_mean_subtoken_embeddings(embedding):
         assert any((embedding[:5000] == row).all(axis=1))
 
 
-def test_class_labels_more_labels_than_positions(embedding):
+def test_class_labels_more_labels_than_positions_keeps_the_first(embedding, caplog):
     init = prompts.class_labels(embedding, ToyVocab(), ["yes", "no", "hello"])
-    with pytest.raises(ValueError, match="3 rows to place but the prompt has only 2"):
-        init(jax.random.PRNGKey(0), (2, E))
+    p = np.asarray(init(jax.random.PRNGKey(0), (2, E)))
+    np.testing.assert_allclose(p, embedding[[7, 8]], rtol=1e-6)
+    assert "the last 1 are not used" in caplog.text
 
 
 def test_from_string_rows_are_token_embeddings(embedding):

@@ -146,6 +146,29 @@ SIZES: dict[str, dict[str, Any]] = {
         gated_gelu=True,
         tie_embeddings=True,
     ),
+    # Smaller and larger in-house shapes, for Figure 1 at CPU scale.
+    "inhouse_mini": dict(
+        vocab_size=32128,
+        d_model=32,
+        d_kv=16,
+        d_ff=128,
+        num_heads=2,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        gated_gelu=True,
+        tie_embeddings=True,
+    ),
+    "inhouse_small": dict(
+        vocab_size=32128,
+        d_model=128,
+        d_kv=32,
+        d_ff=512,
+        num_heads=4,
+        num_encoder_layers=4,
+        num_decoder_layers=4,
+        gated_gelu=True,
+        tie_embeddings=True,
+    ),
 }
 SIZES["t5_1_1_lm100k_small"] = SIZES["t5_1_1_small"]
 SIZES["t5_1_1_lm100k_base"] = SIZES["t5_1_1_base"]
