@@ -106,6 +106,10 @@ def _t5_1_0(d_model, d_kv, d_ff, num_heads, num_layers):
     )
 
 
+def _inhouse(d_model, d_kv, d_ff, num_heads, num_layers):
+    return dict(_t5_1_1(d_model, d_ff, num_heads, num_layers), d_kv=d_kv, tie_embeddings=True)
+
+
 # Published shapes (T5 paper Table 14; T5 1.1 and mT5 release notes). The LM-adapted
 # ("lm100k") checkpoints the paper prompt-tunes share the T5 1.1 shapes.
 SIZES: dict[str, dict[str, Any]] = {
@@ -133,42 +137,11 @@ SIZES: dict[str, dict[str, Any]] = {
         gated_gelu=True,
         tie_embeddings=False,
     ),
-    # The in-house backbone of the CPU-scale demo and reproductions (scripts/pretrain_tiny.py):
-    # gated GELU as T5 1.1, embeddings tied so that the committed checkpoint stays small.
-    "inhouse_tiny": dict(
-        vocab_size=32128,
-        d_model=64,
-        d_kv=16,
-        d_ff=256,
-        num_heads=4,
-        num_encoder_layers=4,
-        num_decoder_layers=4,
-        gated_gelu=True,
-        tie_embeddings=True,
-    ),
-    # Smaller and larger in-house shapes, for Figure 1 at CPU scale.
-    "inhouse_mini": dict(
-        vocab_size=32128,
-        d_model=32,
-        d_kv=16,
-        d_ff=128,
-        num_heads=2,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        gated_gelu=True,
-        tie_embeddings=True,
-    ),
-    "inhouse_small": dict(
-        vocab_size=32128,
-        d_model=128,
-        d_kv=32,
-        d_ff=512,
-        num_heads=4,
-        num_encoder_layers=4,
-        num_decoder_layers=4,
-        gated_gelu=True,
-        tie_embeddings=True,
-    ),
+    # The in-house backbones of the CPU-scale demo and reproductions (scripts/pretrain_tiny.py):
+    # gated GELU as T5 1.1, embeddings tied so that a committed checkpoint stays small.
+    "inhouse_mini": _inhouse(32, 16, 128, 2, 2),
+    "inhouse_tiny": _inhouse(64, 16, 256, 4, 4),
+    "inhouse_small": _inhouse(128, 32, 512, 4, 4),
 }
 SIZES["t5_1_1_lm100k_small"] = SIZES["t5_1_1_small"]
 SIZES["t5_1_1_lm100k_base"] = SIZES["t5_1_1_base"]
