@@ -519,6 +519,9 @@ class Results:
     dirs: dict[str, Path]
     missing: dict[tuple[str, str], str]  # (label, size) -> why there is no run
     metric_names: dict[str, list[str]]  # task -> metric names
+    # (label, size, task) -> per seed, the last eval's rank accuracy and validation loss
+    diagnostics: dict[tuple[str, str, str], list[dict[str, float]]] = dataclasses.field(
+        default_factory=dict)
 
 
 def run_variants(sweep: Sweep, variants: Mapping[str, Variant]) -> Results:
@@ -543,7 +546,10 @@ def run_variants(sweep: Sweep, variants: Mapping[str, Variant]) -> Results:
                     if sweep.dry_run:
                         continue
                     metrics = {k: v for k, v in best(model_dir)["metrics"].items()
-                               if not is_loss(k)}
+                               if not is_loss(k) and k not in DIAGNOSTICS}
+                    last = final_eval(model_dir)
+                    results.diagnostics.setdefault((label, size, task), []).append(
+                        {k: v for k, v in last.items() if is_loss(k) or k in DIAGNOSTICS})
                     results.metric_names[task] = list(metrics)
                     per_task[task] = metrics
                     results.by_task.setdefault((label, size, task), []).append(
@@ -569,6 +575,15 @@ def write_sweep(sweep: Sweep, results: Results, stem: str, title: str, variable:
     if len(sweep.tasks) > 1:
         rows = [[name, s, t, fmt(v)] for (name, s, t), v in results.by_task.items()]
         tables.append(([variable, "size", "task", "task score"], rows))
+    if results.diagnostics:  # what moves where the official metric cannot (tiny models)
+        def cell(ds, key, digits):
+            values = [d[key] for d in ds if key in d]
+            return fmt(values, digits) if len(values) == len(ds) else "—"
+
+        rows = [[name, s, t, cell(ds, "rank_accuracy", 1), cell(ds, "loss", 3)]
+                for (name, s, t), ds in results.diagnostics.items()]
+        tables.append(([variable, "size", "task", "rank accuracy (last eval)",
+                        "validation loss per token (last eval)"], rows))
     baseline = sweep.majority_baseline()
     write_markdown(table, title, [*paragraphs, *sweep.setup_lines(),
                                   f"Cells: {label} (best validation eval of each run), mean ± "
@@ -585,9 +600,13 @@ def is_loss(name: str) -> bool:
     return name == "loss" or name.endswith("/loss")
 
 
+# Reported beside the task's official metrics, never averaged into its score.
+DIAGNOSTICS = ("rank_accuracy",)
+
+
 def task_score(metrics: Mapping[str, float]) -> float:
     """A task's score: the mean of its metrics (SuperGLUE's convention for CB, MultiRC, ReCoRD)."""
-    values = [v for k, v in metrics.items() if not is_loss(k)]
+    values = [v for k, v in metrics.items() if not is_loss(k) and k not in DIAGNOSTICS]
     return float(sum(values) / len(values))
 
 
@@ -614,12 +633,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(var)
 
 
-def fmt(values: Sequence[float] | None) -> str:
+def fmt(values: Sequence[float] | None, digits: int = 1) -> str:
     """`mean ± std` of a run's seeds (or a single value); '—' for none."""
     if not values:
         return "—"
     m, s = mean_std(values)
-    return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
 def config_name(size: str) -> str:
