@@ -27,3 +27,13 @@ def shared_file(*parts: str) -> pathlib.Path:
 @pytest.fixture
 def vocab_path() -> pathlib.Path:
     return shared_file("t5", "spiece.model")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+    """Tests that run a job in-process leave its gin bindings behind (e.g. the demo's
+    `data_paths.data_dir`, which outranks the environment); no other test may see them."""
+    yield
+    import gin
+
+    gin.clear_config()
