@@ -88,9 +88,31 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
+# XLA's CPU YNNPACK fusions make the T5 train step about 25% slower on CPU (bench/RESULTS.md,
+# jaxlib 0.10.2); they are off unless XLA_FLAGS names the flag or PROMPT_JAX_CPU_YNN=1.
+# The flag exists in jaxlib 0.10 (XLA aborts on unknown flags, so no other version gets it).
+CPU_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def _cpu_xla_flags() -> None:
+    import importlib.metadata
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags or os.environ.get("PROMPT_JAX_CPU_YNN"):
+        return
+    try:
+        jaxlib = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if jaxlib.startswith("0.10."):
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_YNN_FLAG}".strip()
+
+
 def _prepare_libraries(verbose: bool) -> None:
     """TensorFlow (for tf.data only) sees no GPU, so it never takes accelerator memory from
-    JAX; without --verbose its start-up chatter and library warnings are hidden."""
+    JAX; without --verbose its start-up chatter and library warnings are hidden. XLA's
+    backends start later (first use), so the CPU flags set here still apply."""
+    _cpu_xla_flags()
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         logging.getLogger("jax").setLevel(logging.ERROR)

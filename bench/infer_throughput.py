@@ -1,0 +1,276 @@
+"""Rank-classification throughput: prompt_jax serving vs HF PEFT, and a 5-prompt ensemble
+in one pass vs 5 separate passes.
+
+    python bench/infer_throughput.py                      # T5 1.1 small shapes, fp32
+    python bench/infer_throughput.py --size base --bf16
+
+RTE-like batch (random weights, random input ids): `--batch` 32 examples of 128 input
+tokens + a 100-token prompt, 2 candidate targets "entailment" / "not_entailment"
+(T5 SentencePiece ids + EOS, from the repository's demo vocabulary). Each candidate is
+scored by its summed token log-likelihood; the prediction is the argmax. Variants:
+  jax-rank          `serving.rank_classify(model, params, inputs, candidates, prompt)`:
+                    each example encoded once, the decoder run on B x C rows;
+  peft-rank         the same work with HF + PEFT `PromptTuningConfig`: PEFT's own
+                    prompt prepended as its `forward` does, the encoder once, the decoder
+                    on B x C rows, log-softmax + gather (torch.inference_mode);
+  peft-rank-percand what a PEFT user writes first: one `model(input_ids,
+                    decoder_input_ids=candidate)` per candidate (the encoder C times);
+  jax-ens-1pass     `serving.ensemble_rank_classify` with 5 prompts: B_e x 5 rows in one
+                    pass (`--ensemble-batch` B_e examples, default 8);
+  jax-ens-5pass     5 calls of `serving.rank_classify`, one per prompt, on the same B_e.
+  with --bf16:      jax-rank-bf16w (frozen weights bf16) and jax-rank-bf16 (weights and
+                    activations bf16);
+  with --ynn:       jax-rank-ynn: jax-rank with XLA's CPU defaults (YNNPACK fusions on;
+                    the jax-* variants run with the XLA flags `prompt-jax` sets).
+Examples/s = examples / median call time (ensembles: B_e examples, each under 5 prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from typing import Any
+
+import common
+
+LABELS = ("entailment", "not_entailment")
+VOCAB = pathlib.Path(__file__).resolve().parents[1] / "prompt_jax" / "demo_data" / "spiece.model"
+# `LABELS` under the T5 vocabulary, for when sentencepiece is not installed.
+LABEL_IDS = ([3, 35, 5756, 297], [59, 834, 35, 5756, 297])
+
+
+def candidates():
+    """[C, L] int32: the label strings' ids + EOS (1), right-padded with 0."""
+    import numpy as np
+
+    try:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(VOCAB))
+        ids = [sp.encode(label) for label in LABELS]
+    except ImportError:
+        ids = [list(x) for x in LABEL_IDS]
+    length = max(len(x) for x in ids) + 1
+    out = np.zeros((len(ids), length), np.int32)
+    for c, x in enumerate(ids):
+        out[c, : len(x) + 1] = x + [1]
+    return out
+
+
+def _inputs(spec: dict[str, Any], vocab: int, batch: int):
+    import numpy as np
+
+    rng = np.random.default_rng(spec["seed"])
+    tokens = common.random_tokens(rng, (batch, spec["input_length"]), vocab)
+    tokens[:, -1] = 1
+    return tokens
+
+
+def _config(spec: dict[str, Any]):
+    from prompt_jax.t5 import get_config
+
+    return get_config(common.SIZES[spec["size"]], dtype=spec["dtype"],
+                      param_dtype=spec["param_dtype"])
+
+
+def setup_jax(spec: dict[str, Any]):
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from prompt_jax import prompts, serving
+    from prompt_jax.t5 import T5
+
+    cfg = _config(spec)
+    model = T5(cfg)  # frozen model; prompts arrive as prefix embeddings
+    one = jnp.ones((1, 2), jnp.int32)
+    params = flax.linen.unbox(jax.jit(model.init)(jax.random.PRNGKey(spec["seed"]), one,
+                                                  one)["params"])
+    num = spec["num_prompts"]
+    prompt_set = prompts.random_uniform()(jax.random.PRNGKey(1),
+                                          (num, spec["prompt_length"], cfg.d_model))
+    tokens = jnp.asarray(_inputs(spec, cfg.vocab_size, spec["batch"]))
+    targets = jnp.asarray(candidates())
+
+    if spec["mode"] == "rank":
+        def run_once():
+            jax.block_until_ready(serving.rank_classify(model, params, tokens, targets,
+                                                        prompt_set[0]))
+    elif spec["mode"] == "ens-1pass":
+        def run_once():
+            serving.ensemble_rank_classify(model, params, tokens, targets, prompt_set)
+    else:
+        def run_once():
+            jax.block_until_ready([serving.rank_classify(model, params, tokens, targets,
+                                                         prompt_set[n]) for n in range(num)])
+    return run_once, {}
+
+
+def setup_peft(spec: dict[str, Any]):
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from prompt_jax.checkpoints.hf import config_to_hf
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    cfg = _config(spec)
+    base = T5ForConditionalGeneration(T5Config(**config_to_hf(cfg)))
+    base.lm_head.weight = torch.nn.Parameter(base.shared.weight.detach().clone())  # untie (T5 1.1)
+    model = get_peft_model(base, PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=spec["prompt_length"]))
+    model.eval()
+    batch, P = spec["batch"], spec["prompt_length"]
+    ids = torch.from_numpy(_inputs(spec, cfg.vocab_size, batch)).long()
+    mask = torch.ones_like(ids)
+    targets = torch.from_numpy(candidates()).long()  # [C, L]
+    C, L = targets.shape
+    rows = targets.repeat(batch, 1)  # [B*C, L]: row b*C + c is example b, candidate c
+    dec_in = torch.nn.functional.pad(rows[:, :-1], (1, 0))  # shifted right, 0 = start
+
+    def summed_ll(logits, tgt):
+        ll = torch.log_softmax(logits.float(), -1).gather(-1, tgt[..., None])[..., 0]
+        return torch.where(tgt > 0, ll, 0.0).sum(-1)
+
+    if spec["mode"] == "rank":
+        def run_once():
+            with torch.inference_mode():
+                # PEFT's forward for prompt tuning: prompt rows, then the input embeddings.
+                emb = model.word_embeddings(ids)
+                x = torch.cat([model.get_prompt(batch_size=batch)[:, :P].to(emb.dtype), emb], 1)
+                m = torch.cat([torch.ones(batch, P, dtype=mask.dtype), mask], 1)
+                enc = base.get_encoder()(inputs_embeds=x, attention_mask=m).last_hidden_state
+                out = base(encoder_outputs=BaseModelOutput(enc.repeat_interleave(C, 0)),
+                           attention_mask=m.repeat_interleave(C, 0), decoder_input_ids=dec_in)
+                summed_ll(out.logits, rows).view(batch, C).argmax(-1)
+    else:
+        def run_once():
+            with torch.inference_mode():
+                scores = []
+                for c in range(C):
+                    tgt = targets[c].expand(batch, L)
+                    logits = model(input_ids=ids, attention_mask=mask,
+                                   decoder_input_ids=torch.nn.functional.pad(tgt[:, :-1],
+                                                                             (1, 0))).logits
+                    scores.append(summed_ll(logits, tgt))
+                torch.stack(scores, -1).argmax(-1)
+    return run_once, {"torch_threads": torch.get_num_threads()}
+
+
+def variants(args) -> dict[str, dict[str, Any]]:
+    base = dict(size=args.size, batch=args.batch, input_length=args.input_length,
+                prompt_length=args.prompt_length, warmup=args.warmup, threads=common.cores(),
+                seed=0, dtype="float32", param_dtype="float32", num_prompts=1)
+    ens = dict(base, batch=args.ensemble_batch, num_prompts=args.num_prompts, kind="jax")
+    out = {"jax-rank": dict(base, kind="jax", mode="rank"),
+           "peft-rank": dict(base, kind="peft", mode="rank"),
+           "peft-rank-percand": dict(base, kind="peft", mode="percand"),
+           "jax-ens-1pass": dict(ens, mode="ens-1pass"),
+           "jax-ens-5pass": dict(ens, mode="ens-npass")}
+    if args.bf16:
+        out["jax-rank-bf16w"] = dict(base, kind="jax", mode="rank", param_dtype="bfloat16")
+        out["jax-rank-bf16"] = dict(base, kind="jax", mode="rank", param_dtype="bfloat16",
+                                    dtype="bfloat16")
+    if args.ynn:
+        out["jax-rank-ynn"] = dict(base, kind="jax", mode="rank", ynn=True)
+    if args.variants:
+        keep = args.variants.split(",")
+        unknown = set(keep) - set(out)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(out)}")
+        out = {k: v for k, v in out.items() if k in keep}
+    return out
+
+
+def report(args, specs, workers, peak: common.MatmulPeak) -> None:
+    from prompt_jax.t5 import get_config
+
+    cfg = get_config(common.SIZES[args.size])
+    C, L = candidates().shape
+    rows, per_s = [], {}
+    for name, w in workers.items():
+        spec = specs[name]
+        enc_rows = spec["batch"] * spec["num_prompts"]
+        passes = C if spec["mode"] == "percand" else 1
+        enc_b, dec_b = enc_rows * passes, enc_rows * C
+        flops = common.t5_matmul_flops(cfg, enc_b, spec["prompt_length"] + spec["input_length"],
+                                       L, None, dec_batch=dec_b)
+        per_s[name] = spec["batch"] / w.median
+        achieved = flops / w.median
+        rows.append([name, common.dtypes(spec), spec["batch"],
+                     f"{enc_b} x {dec_b}", f"{w.median:.2f}", common.spread(w.times),
+                     f"{w.cpu_median:.1f}", f"{per_s[name]:.2f}", f"{flops / 1e9:,.0f}",
+                     f"{achieved / 1e9:.1f}",
+                     f"{100 * achieved / peak.flops_per_s(spec['dtype']):.0f}%",
+                     f"{100 * flops / w.cpu_median / peak.flops_per_cpu_s(spec['dtype']):.0f}%",
+                     f"{w.info['warmup_seconds'][0]:.1f}" if w.info["warmup_seconds"] else "n/a",
+                     common.mib(w.info["step_delta_rss"]), common.mib(w.info["peak_rss"])])
+    print()
+    print(common.table(
+        ["variant", "weights/acts", "examples", "encoder x decoder rows", "call s (median)",
+         "min–max", "CPU s", "examples/s", "model GFLOP", "GFLOP/s", "% of peak",
+         "% of peak per CPU-s", "first call s",
+         "ΔRSS MiB", "peak RSS MiB"], rows))
+    print(f"\ncandidates {LABELS} -> ids {candidates().tolist()}")
+    print(peak.describe())
+    print("\nratios of medians:")
+    for other in ("peft-rank", "peft-rank-percand"):
+        if {"jax-rank", other} <= set(per_s):
+            print(f"  jax-rank / {other} examples/s{' ' * (18 - len(other))}"
+                  f"{per_s['jax-rank'] / per_s[other]:5.2f}  (inverse call-time "
+                  f"{common.per_round(workers[other], workers['jax-rank'])})")
+    if {"jax-ens-1pass", "jax-ens-5pass"} <= set(per_s):
+        r = workers["jax-ens-5pass"].median / workers["jax-ens-1pass"].median
+        print(f"  ensemble of {args.num_prompts}: 1 pass speed-up over {args.num_prompts} "
+              f"passes        {r:5.2f}  "
+              f"({common.per_round(workers['jax-ens-5pass'], workers['jax-ens-1pass'])})")
+    for name in ("jax-rank-bf16w", "jax-rank-bf16", "jax-rank-ynn"):
+        if {name, "jax-rank"} <= set(per_s):
+            print(f"  {name} / jax-rank examples/s{' ' * (16 - len(name))}"
+                  f"{per_s[name] / per_s['jax-rank']:5.2f}  (inverse "
+                  f"{common.per_round(workers['jax-rank'], workers[name])})")
+    print("load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(common.SIZES), default="small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--ensemble-batch", type=int, default=8)
+    p.add_argument("--num-prompts", type=int, default=5)
+    p.add_argument("--input-length", type=int, default=128)
+    p.add_argument("--prompt-length", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 frozen-weight variants")
+    p.add_argument("--ynn", action="store_true",
+                   help="add jax-rank-ynn, run with XLA's CPU defaults (YNNPACK fusions on)")
+    p.add_argument("--variants", default="", help="comma-separated subset to run")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    args = p.parse_args()
+
+    info = common.machine_info()
+    common.print_machine(info)
+    print(f"T5 1.1 {args.size} shapes, random weights; rank classification of {args.batch} "
+          f"examples, inputs {args.input_length} + prompt {args.prompt_length}, "
+          f"{len(LABELS)} candidates; ensembles: {args.ensemble_batch} examples x "
+          f"{args.num_prompts} prompts; {args.warmup} warm-up call(s), {args.repeats} timed "
+          "round(s)", flush=True)
+    specs = variants(args)
+    peak = common.MatmulPeak(args.matmul_size)
+    peak.sample()
+    workers = common.start_workers(__file__, specs)
+    common.run_rounds(workers, args.repeats, between=peak.sample)
+    report(args, specs, workers, peak)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        spec = __import__("json").loads(sys.argv[sys.argv.index("--worker") + 1])
+        common.serve(setup_jax if spec["kind"] == "jax" else setup_peft)
+    else:
+        main()

@@ -1,0 +1,283 @@
+"""Training throughput and memory: prompt_jax prompt tuning vs model tuning vs HF PEFT.
+
+    python bench/train_throughput.py                      # T5 1.1 small shapes, fp32
+    python bench/train_throughput.py --bf16               # + frozen weights in bf16
+    python bench/train_throughput.py --size base
+
+Same batch on every side (random weights, random token ids, no padding): batch 32,
+inputs 128 + prompt 100, targets 8. Variants:
+  jax-prompt   prompt_jax prompt tuning: `trainer.make_train_step`, `optim.adafactor()`
+               on the prompt only, jitted with the train state donated;
+  jax-model    prompt_jax model tuning on the same token count: no prompt, inputs 228,
+               every weight trainable (`optim.MODEL_TUNING`), same Adafactor;
+  peft-prompt  HF `T5ForConditionalGeneration` + PEFT `PromptTuningConfig(num_virtual_tokens
+               =100)`, `transformers.optimization.Adafactor(lr=0.3, scale_parameter=False,
+               relative_step=False)` on the prompt (the only tensor with requires_grad);
+  with --bf16: jax-prompt-bf16w (frozen weights stored bf16, activations fp32) and
+               jax-prompt-bf16 (weights and activations bf16; the prompt stays fp32);
+  with --ynn:  jax-prompt-ynn, jax-model-ynn: the same steps with XLA's CPU defaults
+               (YNNPACK fusions on), which `prompt-jax` turns off on jaxlib 0.10
+               (`prompt_jax.cli.CPU_YNN_FLAG`; the jax-* variants run as the CLI does).
+Dropout 0.1 on both sides (the paper's setting; `--dropout`). A step is forward +
+backward + optimizer update, synchronised (`jax.block_until_ready`; torch on CPU is
+synchronous). Examples/s = batch / median step time. See `common.py` for the rounds,
+the memory columns and the FLOP count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import common
+
+
+def _config(spec: dict[str, Any]):
+    from prompt_jax.t5 import get_config
+
+    return get_config(common.SIZES[spec["size"]], dropout_rate=spec["dropout"],
+                      dtype=spec["dtype"], param_dtype=spec["param_dtype"])
+
+
+def _count(tree) -> int:
+    import jax
+
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def build_jax_step(spec: dict[str, Any]):
+    """-> (compiled step, run_once, info) for a prompt_jax variant."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from prompt_jax import optim, trainer
+    from prompt_jax.t5 import T5
+
+    cfg = _config(spec)
+    model = T5(cfg, prompt_length=spec["prompt_length"])
+    batch = common.train_batch(spec["batch"], spec["input_length"], spec["target_length"],
+                               cfg.vocab_size, spec["seed"])
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}  # on the device once, outside the step
+    one = {k: v[:1] for k, v in batch.items()}
+    params = jax.jit(model.init)(jax.random.PRNGKey(spec["seed"]), one["encoder_input_tokens"],
+                                 one["decoder_input_tokens"])["params"]
+    regexes = optim.DEFAULT_TRAINABLE if spec["trainable"] == "prompt" else optim.MODEL_TUNING
+    trainable, frozen = optim.split_params(flax.linen.unbox(params), regexes)
+    tx = optim.adafactor()
+    state = trainer.TrainState.create(trainable, tx)
+    step = jax.jit(trainer.make_train_step(model, tx), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    box = {"state": state}
+
+    def run_once():
+        box["state"], metrics = compiled(box["state"], frozen, batch)
+        jax.block_until_ready((box["state"], metrics))
+
+    info = {"compile_s": compile_s, "xla_flops": cost.get("flops"),
+            "xla_temp": mem.temp_size_in_bytes, "xla_args": mem.argument_size_in_bytes,
+            "trainable": _count(trainable), "frozen": _count(frozen)}
+    return compiled, run_once, info
+
+
+def setup_jax(spec: dict[str, Any]):
+    _, run_once, info = build_jax_step(spec)
+    return run_once, info
+
+
+def setup_peft(spec: dict[str, Any]):
+    import numpy as np
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.optimization import Adafactor
+
+    from prompt_jax.checkpoints.hf import config_to_hf
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    cfg = _config(spec)
+    model = T5ForConditionalGeneration(T5Config(**config_to_hf(cfg)))
+    # transformers 5 always ties lm_head to the input embedding (T5 1.1 unties them);
+    # untie so that both sides hold the same weights. It changes no FLOP.
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    model = get_peft_model(model, PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=spec["prompt_length"]))
+    grads = [n for n, p in model.named_parameters() if p.requires_grad]
+    if grads != ["prompt_encoder.default.embedding.weight"]:
+        raise RuntimeError(f"PEFT: parameters with requires_grad besides the prompt: {grads}")
+    base = model.get_base_model()
+    if base.lm_head.weight.data_ptr() == base.shared.weight.data_ptr():
+        raise RuntimeError("PEFT: lm_head is tied to the embedding again")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = Adafactor(trainable, lr=0.3, scale_parameter=False, relative_step=False,
+                    warmup_init=False, clip_threshold=1.0, decay_rate=-0.8, weight_decay=1e-5)
+    batch = common.train_batch(spec["batch"], spec["input_length"], spec["target_length"],
+                               cfg.vocab_size, spec["seed"])
+    ids = torch.from_numpy(batch["encoder_input_tokens"]).long()
+    mask = torch.ones_like(ids)
+    labels = torch.from_numpy(batch["decoder_target_tokens"]).long()
+    model.train()
+
+    def run_once():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    peaks = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        peaks.append(2 * n**3 / (time.perf_counter() - t0))
+    info = {"trainable": sum(p.numel() for p in trainable),
+            "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "torch_threads": torch.get_num_threads(),
+            "torch_matmul_peak": float(np.median(peaks)), "trainable_names": grads}
+    return run_once, info
+
+
+def variants(args) -> dict[str, dict[str, Any]]:
+    common_spec = dict(size=args.size, batch=args.batch, target_length=args.target_length,
+                       dropout=args.dropout, warmup=args.warmup, threads=common.cores(),
+                       seed=0, dtype="float32", param_dtype="float32")
+    prompt = dict(common_spec, prompt_length=args.prompt_length, input_length=args.input_length,
+                  trainable="prompt")
+    model = dict(common_spec, prompt_length=0,
+                 input_length=args.input_length + args.prompt_length, trainable="model")
+    out = {"jax-prompt": dict(prompt, kind="jax"), "jax-model": dict(model, kind="jax"),
+           "peft-prompt": dict(prompt, kind="peft")}
+    if args.bf16:
+        out["jax-prompt-bf16w"] = dict(prompt, kind="jax", param_dtype="bfloat16")
+        out["jax-prompt-bf16"] = dict(prompt, kind="jax", param_dtype="bfloat16",
+                                      dtype="bfloat16")
+    if args.ynn:
+        out["jax-prompt-ynn"] = dict(prompt, kind="jax", ynn=True)
+        out["jax-model-ynn"] = dict(model, kind="jax", ynn=True)
+    if args.variants:
+        keep = args.variants.split(",")
+        unknown = set(keep) - set(out)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(out)}")
+        out = {k: v for k, v in out.items() if k in keep}
+    return out
+
+
+def report(args, specs, workers, peak: common.MatmulPeak) -> None:
+    from prompt_jax.t5 import get_config
+
+    cfg = get_config(common.SIZES[args.size])
+    rows, per_s, achieved, per_cpu = [], {}, {}, {}
+    for name, w in workers.items():
+        spec, info = specs[name], w.info
+        enc_len = spec["prompt_length"] + spec["input_length"]
+        flops = common.t5_matmul_flops(cfg, spec["batch"], enc_len, spec["target_length"],
+                                       spec["trainable"])
+        per_s[name] = spec["batch"] / w.median
+        achieved[name] = flops / w.median / peak.flops_per_s(spec["dtype"])
+        per_cpu[name] = flops / w.cpu_median / peak.flops_per_cpu_s(spec["dtype"])
+        rows.append([
+            name, common.dtypes(spec), f"{info['trainable']:,}", f"{w.median:.2f}",
+            common.spread(w.times), f"{w.cpu_median:.1f}", f"{per_s[name]:.2f}",
+            f"{flops / 1e9:,.0f}",
+            f"{info['xla_flops'] / 1e9:,.0f}" if info.get("xla_flops") else "n/a",
+            f"{flops / w.median / 1e9:.1f}", f"{100 * achieved[name]:.0f}%",
+            f"{100 * per_cpu[name]:.0f}%", common.mib(info.get("xla_temp")),
+            common.mib(info["step_delta_rss"]), common.mib(info["peak_rss"])])
+    print()
+    print(common.table(
+        ["variant", "weights/acts", "trainable", "step s (median)", "min–max", "CPU s",
+         "examples/s", "model GFLOP", "XLA GFLOP", "GFLOP/s", "% of peak",
+         "% of peak per CPU-s", "XLA temp MiB", "step ΔRSS MiB", "peak RSS MiB"], rows))
+    print("\n" + peak.describe())
+    if "peft-prompt" in workers:
+        info = workers["peft-prompt"].info
+        print(f"torch {info['torch_threads']} threads, fp32 2048^3 matmul "
+              f"{info['torch_matmul_peak'] / 1e9:.1f} GFLOP/s (at its set-up); PEFT trainable: "
+              f"{info['trainable_names']} ({info['trainable']:,} = 2 x {args.prompt_length} "
+              "rows: PEFT allocates a prompt per transformer submodule of a seq2seq model)")
+    for name, w in workers.items():
+        if "compile_s" in w.info:
+            print(f"{name}: compile {w.info['compile_s']:.1f} s (untimed)")
+    print("\nratios of medians (targets are benchmarks, not timed tests):")
+    if {"jax-prompt", "peft-prompt"} <= set(per_s):
+        r = per_s["jax-prompt"] / per_s["peft-prompt"]
+        print(f"  prompt_jax / PEFT examples/s             {r:5.2f}  target >= 2.00  "
+              f"{common.verdict(r >= 2.0)}  (inverse step-time "
+              f"{common.per_round(workers['peft-prompt'], workers['jax-prompt'])})")
+    if {"jax-prompt", "jax-model"} <= set(per_s):
+        r = workers["jax-prompt"].median / workers["jax-model"].median
+        enc = args.prompt_length + args.input_length
+        fr = (common.t5_matmul_flops(cfg, args.batch, enc, args.target_length, "prompt")
+              / common.t5_matmul_flops(cfg, args.batch, enc, args.target_length, "model"))
+        print(f"  prompt step / model step (equal tokens)  {r:5.2f}  target <= 0.72  "
+              f"{common.verdict(r <= 0.72)}  (matmul FLOP ratio {fr:.2f}; "
+              f"{common.per_round(workers['jax-prompt'], workers['jax-model'])})")
+    if "jax-prompt" in achieved:
+        r = achieved["jax-prompt"]
+        print(f"  jax-prompt FLOP/s / fp32 matmul peak     {r:5.2f}  target >= 0.50  "
+              f"{common.verdict(r >= 0.5)}  (per CPU-second: {per_cpu['jax-prompt']:.2f})")
+    if {"jax-prompt-ynn", "jax-model-ynn"} <= set(per_s):
+        r = workers["jax-prompt-ynn"].median / workers["jax-model-ynn"].median
+        print(f"  ynn prompt step / model step             {r:5.2f}  "
+              f"({common.per_round(workers['jax-prompt-ynn'], workers['jax-model-ynn'])})")
+    for name in ("jax-prompt-bf16w", "jax-prompt-bf16", "jax-prompt-ynn"):
+        if name in per_s and "jax-prompt" in per_s:
+            r = per_s[name] / per_s["jax-prompt"]
+            extra = (f"; / PEFT {per_s[name] / per_s['peft-prompt']:.2f}"
+                     if "peft-prompt" in per_s else "")
+            print(f"  {name} / jax-prompt examples/s{' ' * (17 - len(name))}{r:5.2f}"
+                  f"  ({common.per_round(workers['jax-prompt'], workers[name])} inverse"
+                  f"{extra})")
+    load = os.getloadavg()
+    print("load average at end: " + ", ".join(f"{x:.2f}" for x in load))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(common.SIZES), default="small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--input-length", type=int, default=128)
+    p.add_argument("--prompt-length", type=int, default=100)
+    p.add_argument("--target-length", type=int, default=8)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 frozen-weight variants")
+    p.add_argument("--ynn", action="store_true",
+                   help="add variants run with XLA's CPU defaults (YNNPACK fusions on)")
+    p.add_argument("--variants", default="", help="comma-separated subset to run")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    args = p.parse_args()
+
+    info = common.machine_info()
+    common.print_machine(info)
+    print(f"T5 1.1 {args.size} shapes, random weights; batch {args.batch}, inputs "
+          f"{args.input_length} + prompt {args.prompt_length}, targets {args.target_length}; "
+          f"dropout {args.dropout} on both sides; {args.warmup} warm-up step(s), "
+          f"{args.repeats} timed round(s)", flush=True)
+    specs = variants(args)
+    peak = common.MatmulPeak(args.matmul_size)
+    peak.sample()
+    workers = common.start_workers(__file__, specs)
+    common.run_rounds(workers, args.repeats, between=peak.sample)
+    report(args, specs, workers, peak)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        spec = __import__("json").loads(sys.argv[sys.argv.index("--worker") + 1])
+        common.serve(setup_jax if spec["kind"] == "jax" else setup_peft)
+    else:
+        main()
