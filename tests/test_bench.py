@@ -25,6 +25,16 @@ def run_script(name: str, *args: str) -> str:
     return proc.stdout
 
 
+def bench_common():
+    """bench/common.py under its own module name (scripts/common.py may be `common`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", REPO_ROOT / "bench" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def table_rows(out: str) -> list[str]:
     """The first cell of each row of the printed table."""
     return [m.group(1) for m in re.finditer(r"^\|\s*([\w-]+) \|", out, re.M)
@@ -78,8 +88,7 @@ def test_analytic_flops_count_the_dots_of_the_step(mode):
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import common
+    common = bench_common()
 
     from prompt_jax import optim, trainer
     from prompt_jax.t5 import T5, get_config
