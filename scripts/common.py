@@ -589,8 +589,22 @@ def write_sweep(sweep: Sweep, results: Results, stem: str, title: str, variable:
                                   f"Cells: {label} (best validation eval of each run), mean ± "
                                   f"std over seeds. Predicting the majority class scores "
                                   f"{baseline:.1f}."], tables, [run_list(results.dirs)])
-    plot_vs_size(plot, title, label, results.series, params, baseline)
+    plot_vs_size(plot, title, label, results.series, params, baseline,
+                 loss=loss_series(results))
     return table, plot
+
+
+def loss_series(results: Results) -> dict[str, dict[str, list[float]]]:
+    """label -> size -> validation loss per seed (last eval; averaged over tasks), for the
+    runs whose every eval logged it."""
+    out: dict[str, dict[str, list[list[float]]]] = {}
+    for (label, size, _), ds in results.diagnostics.items():
+        values = [d["loss"] for d in ds if "loss" in d]
+        if values and len(values) == len(ds):
+            out.setdefault(label, {}).setdefault(size, []).append(values)
+    return {label: {size: [sum(seed) / len(seed) for seed in zip(*per_task, strict=True)]
+                    for size, per_task in by_size.items()}
+            for label, by_size in out.items()}
 
 
 # --------------------------------------------------------------------------- scores
@@ -714,17 +728,31 @@ def pyplot():
 
 def plot_vs_size(path: Path, title: str, ylabel: str,
                  series: Mapping[str, Mapping[str, Sequence[float]]],
-                 params: Mapping[str, int], baseline: float | None = None) -> Path:
+                 params: Mapping[str, int], baseline: float | None = None,
+                 loss: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> Path:
     """The paper's Figure 1/3 shape: score vs model parameters (log x), one line per
     series (mean, std band over seeds). series: label -> {size: scores}. With one size
     only, bars (one per series) at that size instead. `baseline`: a dashed line (the
-    majority-class score)."""
+    majority-class score). `loss` (same shape as `series`): a second panel with the
+    validation loss per token, which moves where tiny models' scores cannot."""
     sizes = sorted({s for by_size in series.values() for s, v in by_size.items() if v},
                    key=params.get)
     if not sizes:
         return plot_message(path, title, "no finished run to plot")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    panels = [(series, ylabel, baseline)]
+    if loss and any(v for by_size in loss.values() for v in by_size.values()):
+        panels.append((loss, "validation loss per token (lower is better)", None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (values, label, line) in zip(axes[0], panels, strict=True):
+        _draw_vs_size(ax, values, sizes, params, label, line, bars_from_zero=line is not None)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _draw_vs_size(ax, series: Mapping[str, Mapping[str, Sequence[float]]], sizes: list[str],
+                  params: Mapping[str, int], ylabel: str, baseline: float | None,
+                  bars_from_zero: bool) -> None:
     if len(sizes) > 1:
         for label, by_size in series.items():
             xs = [params[s] for s in sizes if by_size.get(s)]
@@ -740,18 +768,22 @@ def plot_vs_size(path: Path, title: str, ylabel: str,
         stats = [mean_std(series[label][sizes[0]]) for label in labels]
         bars = ax.bar(range(len(labels)), [m for m, _ in stats], yerr=[s for _, s in stats],
                       color=[f"C{i}" for i in range(len(labels))], capsize=3)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.bar_label(bars, fmt="%.1f" if bars_from_zero else "%.3f", fontsize=8)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
         ax.set_xlabel(f"one model size: {sizes[0]} ({human(params[sizes[0]])} parameters)")
-        _bar_ylim(ax, [m for m, _ in stats] + ([baseline] if baseline is not None else []))
+        values = [m for m, _ in stats] + ([baseline] if baseline is not None else [])
+        if bars_from_zero:
+            _bar_ylim(ax, values)
+        elif values:
+            lo, hi = min(values), max(values)
+            pad = max((hi - lo) * 0.3, 0.05 * hi)
+            ax.set_ylim(lo - pad, hi + pad)
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", linewidth=1,
                    label=f"majority class ({baseline:.1f})")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
     if len(sizes) > 1 or baseline is not None:
         ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def plot_bars(path: Path, title: str, ylabel: str, groups: Mapping[str, Mapping[str, float]]
