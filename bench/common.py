@@ -21,6 +21,7 @@ Memory, per worker (Linux `/proc/self/status`):
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -86,6 +87,23 @@ def print_machine(info: dict[str, Any]) -> None:
           f" XLA uses all {info['cores']} cores, torch.set_num_threads({info['cores']})")
     print(f"python {info['python']}; {v}")
     print("load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in info["load"]))
+
+
+def parser(description: str, unit: str) -> argparse.ArgumentParser:
+    """The flags both throughput scripts take; `unit` names what one timed call is."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--input-length", type=int, default=128)
+    p.add_argument("--prompt-length", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=1, help=f"untimed {unit}s per variant")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 frozen-weight variants")
+    p.add_argument("--ynn", action="store_true",
+                   help="add the -ynn variants: XLA's CPU defaults (YNNPACK fusions on)")
+    p.add_argument("--variants", default="", help="comma-separated subset to run")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    return p
 
 
 # ---------------------------------------------------------------- memory

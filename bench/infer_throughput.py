@@ -27,7 +27,6 @@ Examples/s = examples / median call time (ensembles: B_e examples, each under 5 
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -237,20 +236,9 @@ def report(args, specs, workers, peak: common.MatmulPeak) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", choices=sorted(common.SIZES), default="small")
-    p.add_argument("--batch", type=int, default=32)
+    p = common.parser(__doc__.split("\n")[0], "call")
     p.add_argument("--ensemble-batch", type=int, default=8)
     p.add_argument("--num-prompts", type=int, default=5)
-    p.add_argument("--input-length", type=int, default=128)
-    p.add_argument("--prompt-length", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
-    p.add_argument("--bf16", action="store_true", help="add the bf16 frozen-weight variants")
-    p.add_argument("--ynn", action="store_true",
-                   help="add jax-rank-ynn, run with XLA's CPU defaults (YNNPACK fusions on)")
-    p.add_argument("--variants", default="", help="comma-separated subset to run")
-    p.add_argument("--matmul-size", type=int, default=2048)
     args = p.parse_args()
 
     info = common.machine_info()

@@ -26,7 +26,6 @@ the memory columns and the FLOP count.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -245,20 +244,9 @@ def report(args, specs, workers, peak: common.MatmulPeak) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", choices=sorted(common.SIZES), default="small")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--input-length", type=int, default=128)
-    p.add_argument("--prompt-length", type=int, default=100)
+    p = common.parser(__doc__.split("\n")[0], "step")
     p.add_argument("--target-length", type=int, default=8)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
-    p.add_argument("--bf16", action="store_true", help="add the bf16 frozen-weight variants")
-    p.add_argument("--ynn", action="store_true",
-                   help="add variants run with XLA's CPU defaults (YNNPACK fusions on)")
-    p.add_argument("--variants", default="", help="comma-separated subset to run")
-    p.add_argument("--matmul-size", type=int, default=2048)
     args = p.parse_args()
 
     info = common.machine_info()

@@ -44,9 +44,9 @@ def table_rows(out: str) -> list[str]:
 @pytest.mark.slow
 def test_train_throughput_prints_every_variant_and_ratio():
     out = run_script("train_throughput.py", *TINY, "--batch", "2", "--target-length", "4",
-                     "--bf16")
+                     "--bf16", "--ynn")
     assert table_rows(out) == ["jax-prompt", "jax-model", "peft-prompt", "jax-prompt-bf16w",
-                               "jax-prompt-bf16"]
+                               "jax-prompt-bf16", "jax-prompt-ynn", "jax-model-ynn"]
     for ratio in ("prompt_jax / PEFT examples/s", "prompt step / model step",
                   "FLOP/s / fp32 matmul peak"):
         assert re.search(re.escape(ratio) + r".*\d\.\d\d.*(PASS|FAIL)", out), ratio
