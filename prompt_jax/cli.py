@@ -88,7 +88,7 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
-# XLA's CPU YNNPACK fusions make the T5 train step about 25% slower on CPU (bench/RESULTS.md,
+# XLA's CPU YNNPACK fusions make the T5 train step 1.35x slower on CPU (bench/RESULTS.md,
 # jaxlib 0.10.2); they are off unless XLA_FLAGS names the flag or PROMPT_JAX_CPU_YNN=1.
 # The flag exists in jaxlib 0.10 (XLA aborts on unknown flags, so no other version gets it).
 CPU_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
@@ -98,7 +98,8 @@ def _cpu_xla_flags() -> None:
     import importlib.metadata
 
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags or os.environ.get("PROMPT_JAX_CPU_YNN"):
+    keep = os.environ.get("PROMPT_JAX_CPU_YNN", "") not in ("", "0")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags or keep:
         return
     try:
         jaxlib = importlib.metadata.version("jaxlib")
