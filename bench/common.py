@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,8 +138,31 @@ def reset_peak_rss() -> bool:
 # ---------------------------------------------------------------- workers
 
 
-def serve(setup: Callable[[dict[str, Any]], tuple[Callable[[], None], dict[str, Any]]]) -> None:
-    """Worker main: `setup(spec) -> (run_once, info)`; warm up, then run on command.
+Setup = Callable[[dict[str, Any]], tuple[Callable[[], None], dict[str, Any]]]
+
+
+def entry(main: Callable[[], None], setups: Mapping[str, Setup]) -> None:
+    """A bench script's `__main__`: the parent's `main()`, or with `--worker SPEC` the
+    worker of the variant whose `kind` (a key of `setups`) the spec names."""
+    if "--worker" in sys.argv:
+        serve(setups)
+    else:
+        main()
+
+
+def measure(script: str, specs: dict[str, dict[str, Any]], repeats: int,
+            matmul_size: int) -> tuple[dict[str, Worker], MatmulPeak]:
+    """Start the workers, time `repeats` rounds, sample the matmul peak between rounds."""
+    peak = MatmulPeak(matmul_size)
+    peak.sample()
+    workers = start_workers(script, specs)
+    run_rounds(workers, repeats, between=peak.sample)
+    return workers, peak
+
+
+def serve(setups: Mapping[str, Setup]) -> None:
+    """Worker main: `setups[spec["kind"]](spec) -> (run_once, info)`; warm up, then run on
+    command.
 
     Protocol on stdout (lines prefixed by `_PROTOCOL`, so libraries' own prints pass):
     `ready` with `info` after the warm-up, `seconds` (wall clock) and `cpu_seconds` (all the
@@ -151,7 +174,7 @@ def serve(setup: Callable[[dict[str, Any]], tuple[Callable[[], None], dict[str, 
         from prompt_jax import cli
 
         cli._cpu_xla_flags()
-    run_once, info = setup(spec)
+    run_once, info = setups[spec["kind"]](spec)
     base = rss_bytes()
     resettable = reset_peak_rss()
     warmup = []

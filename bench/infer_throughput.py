@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 from typing import Any
 
 import common
@@ -249,16 +248,9 @@ def main() -> None:
           f"{args.num_prompts} prompts; {args.warmup} warm-up call(s), {args.repeats} timed "
           "round(s)", flush=True)
     specs = variants(args)
-    peak = common.MatmulPeak(args.matmul_size)
-    peak.sample()
-    workers = common.start_workers(__file__, specs)
-    common.run_rounds(workers, args.repeats, between=peak.sample)
+    workers, peak = common.measure(__file__, specs, args.repeats, args.matmul_size)
     report(args, specs, workers, peak)
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        spec = __import__("json").loads(sys.argv[sys.argv.index("--worker") + 1])
-        common.serve(setup_jax if spec["kind"] == "jax" else setup_peft)
-    else:
-        main()
+    common.entry(main, {"jax": setup_jax, "peft": setup_peft})
