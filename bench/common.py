@@ -173,7 +173,7 @@ def serve(setups: Mapping[str, Setup]) -> None:
         # XLA's CPU flags exactly as the `prompt-jax` CLI sets them (before any backend starts).
         from prompt_jax import cli
 
-        cli._cpu_xla_flags()
+        cli.set_cpu_xla_flags()
     run_once, info = setups[spec["kind"]](spec)
     base = rss_bytes()
     resettable = reset_peak_rss()

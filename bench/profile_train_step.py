@@ -139,7 +139,7 @@ def main() -> None:
         os.environ["PROMPT_JAX_CPU_YNN"] = "1"
     from prompt_jax import cli
 
-    cli._cpu_xla_flags()  # as `prompt-jax` runs, before JAX's backend starts
+    cli.set_cpu_xla_flags()  # as `prompt-jax` runs, before JAX's backend starts
     import jax
 
     prompt = args.prompt_length if args.trainable == "prompt" else 0

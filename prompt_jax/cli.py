@@ -94,7 +94,7 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 CPU_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
-def _cpu_xla_flags() -> None:
+def set_cpu_xla_flags() -> None:
     import importlib.metadata
 
     flags = os.environ.get("XLA_FLAGS", "")
@@ -113,7 +113,7 @@ def _prepare_libraries(verbose: bool) -> None:
     """TensorFlow (for tf.data only) sees no GPU, so it never takes accelerator memory from
     JAX; without --verbose its start-up chatter and library warnings are hidden. XLA's
     backends start later (first use), so the CPU flags set here still apply."""
-    _cpu_xla_flags()
+    set_cpu_xla_flags()
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         logging.getLogger("jax").setLevel(logging.ERROR)

@@ -158,7 +158,7 @@ def test_dry_run_reports_memory_for_a_mesh_this_machine_lacks(tmp_path, capsys):
     assert not (tmp_path / "xxl").exists()
 
 
-def test_cpu_xla_flags_leave_a_users_choice_alone(monkeypatch):
+def testset_cpu_xla_flags_leave_a_users_choice_alone(monkeypatch):
     """The CLI turns XLA's CPU YNNPACK fusions off (faster here, bench/RESULTS.md) only when
     neither XLA_FLAGS nor PROMPT_JAX_CPU_YNN says otherwise, and only on jaxlib 0.10."""
     import importlib.metadata
@@ -168,16 +168,16 @@ def test_cpu_xla_flags_leave_a_users_choice_alone(monkeypatch):
     jaxlib = importlib.metadata.version("jaxlib")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     monkeypatch.delenv("PROMPT_JAX_CPU_YNN", raising=False)
-    prompt_jax_cli._cpu_xla_flags()
+    prompt_jax_cli.set_cpu_xla_flags()
     flags = os.environ["XLA_FLAGS"].split()
     assert flags[0] == "--xla_force_host_platform_device_count=2"
     assert flags[1:] == ([prompt_jax_cli.CPU_YNN_FLAG] if jaxlib.startswith("0.10.") else [])
-    prompt_jax_cli._cpu_xla_flags()  # idempotent
+    prompt_jax_cli.set_cpu_xla_flags()  # idempotent
     assert os.environ["XLA_FLAGS"].split() == flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    prompt_jax_cli._cpu_xla_flags()
+    prompt_jax_cli.set_cpu_xla_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("PROMPT_JAX_CPU_YNN", "1")
-    prompt_jax_cli._cpu_xla_flags()
+    prompt_jax_cli.set_cpu_xla_flags()
     assert os.environ["XLA_FLAGS"] == ""
