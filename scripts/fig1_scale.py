@@ -11,19 +11,20 @@ several sizes (scripts/pretrain_tiny.py --size ..., the same recipe for each), o
 
 from __future__ import annotations
 
-import json
+from jobs import size_gin
+from report import write_sweep
+from sweep import CPU_SIZES, Sweep, parse, parser, run_variants
 
-import common
+from prompt_jax.model_dir import eval_results, read_json
 
 
-def heldout_losses(sweep: common.Sweep) -> list[str]:
+def heldout_losses(sweep: Sweep) -> list[str]:
     """CPU scale: each in-house model's held-out span-corruption loss (pretrain_tiny.py)."""
     cells = []
     for size in sweep.sizes:
-        path = sweep.pretrain_dir(size) / "eval_lm" / "eval_validation.json"
-        if path.exists():
-            with open(path) as f:
-                cells.append(f"{size} {json.load(f)['metrics']['loss']:.3f}")
+        result = read_json(eval_results(sweep.pretrain_dir(size) / "eval_lm", "validation"))
+        if result:
+            cells.append(f"{size} {result['metrics']['loss']:.3f}")
     if not cells:
         return []
     return ["Held-out span-corruption loss of each in-house model (cross-entropy per target "
@@ -31,29 +32,27 @@ def heldout_losses(sweep: common.Sweep) -> list[str]:
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__)
-    sweep = common.parse(p, argv)
+    sweep = parse(parser(__doc__), argv)
     if sweep.cpu and not sweep.args.sizes:
-        sweep.sizes = common.CPU_SIZES
+        sweep.sizes = CPU_SIZES
     sweep.require_data(sweep.tasks)
     for size in sweep.sizes:
-        sweep.size_gin(size)
+        size_gin(size)
     variants = {
         "Model Tuning": lambda size, task, seed: sweep.tuning_job(
             size, sweep.checkpoint(size), task, tuning="model", seed=seed),
         "Prompt Tuning": lambda size, task, seed: sweep.tuning_job(
             size, sweep.checkpoint(size), task, seed=seed),
     }
-    results = common.run_variants(sweep, variants)
+    results = run_variants(sweep, variants)
     if not sweep.dry_run:
-        common.write_sweep(sweep, results, "fig1_scale",
-                           "Figure 1: prompt tuning vs model tuning across model sizes",
-                           "method",
-                           ["Model tuning trains every weight (runs/model_finetune.gin); "
-                            "prompt tuning trains a 100-token prompt (runs/prompt_finetune.gin) "
-                            "on the same frozen model. The paper's other lines (multi-task "
-                            "model tuning, GPT-3 prompt design) are not reproduced."]
-                           + (heldout_losses(sweep) if sweep.cpu else []))
+        write_sweep(sweep, results, "fig1_scale",
+                    "Figure 1: prompt tuning vs model tuning across model sizes", "method",
+                    ["Model tuning trains every weight (runs/model_finetune.gin); prompt "
+                     "tuning trains a 100-token prompt (runs/prompt_finetune.gin) on the same "
+                     "frozen model. The paper's other lines (multi-task model tuning, GPT-3 "
+                     "prompt design) are not reproduced."]
+                    + (heldout_losses(sweep) if sweep.cpu else []))
 
 
 if __name__ == "__main__":

@@ -9,22 +9,23 @@ text plus the P prompt positions, so every length sees the same text.
 
 from __future__ import annotations
 
-import common
+from report import write_sweep
+from sweep import csv, parse, parser, run_variants
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__)
+    p = parser(__doc__)
     p.add_argument("--lengths", default="1,5,20,100,150", help="prompt lengths P")
-    sweep = common.parse(p, argv)
+    sweep = parse(p, argv)
     sweep.require_data(sweep.tasks)
     variants = {
         str(length): (lambda size, task, seed, length=length: sweep.tuning_job(
             size, sweep.checkpoint(size), task, prompt_length=length, seed=seed))
-        for length in common.csv(sweep.args.lengths, (), int)}
-    results = common.run_variants(sweep, variants)
+        for length in csv(sweep.args.lengths, (), int)}
+    results = run_variants(sweep, variants)
     if not sweep.dry_run:
-        common.write_sweep(sweep, results, "fig3a_prompt_length", "Figure 3(a): prompt length",
-                           "prompt length", ["Prompt tuning, class-label init."])
+        write_sweep(sweep, results, "fig3a_prompt_length", "Figure 3(a): prompt length",
+                    "prompt length", ["Prompt tuning, class-label init."])
 
 
 if __name__ == "__main__":

@@ -10,27 +10,27 @@ and prompts/class_labels.gin (the task's label strings, the rest sampled vocab).
 
 from __future__ import annotations
 
-import common
+from report import write_sweep
+from sweep import parse, parser, run_variants
 
 INITS = {"Random Uniform": "random_uniform", "Sampled Vocab": "sampled_vocab",
          "Class Label": "class_labels"}
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__)
+    p = parser(__doc__)
     p.add_argument("--prompt_length", type=int, default=100)
-    sweep = common.parse(p, argv)
+    sweep = parse(p, argv)
     sweep.require_data(sweep.tasks)
     length = sweep.args.prompt_length
     variants = {
         label: (lambda size, task, seed, init=init: sweep.tuning_job(
             size, sweep.checkpoint(size), task, prompt_length=length, init=init, seed=seed))
         for label, init in INITS.items()}
-    results = common.run_variants(sweep, variants)
+    results = run_variants(sweep, variants)
     if not sweep.dry_run:
-        common.write_sweep(sweep, results, "fig3b_prompt_init",
-                           "Figure 3(b): prompt initialization", "init",
-                           [f"Prompt tuning, prompt length {length}."])
+        write_sweep(sweep, results, "fig3b_prompt_init", "Figure 3(b): prompt initialization",
+                    "init", [f"Prompt tuning, prompt length {length}."])
 
 
 if __name__ == "__main__":

@@ -16,20 +16,21 @@ float32), rebuilt when missing.
 
 from __future__ import annotations
 
-import common
+from report import write_sweep
+from sweep import T5_1_1, parse, parser, run_variants
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__)
+    p = parser(__doc__)
     p.add_argument("--span_checkpoint", default=None,
-                   help=f"span-corruption model per size (paper default {common.T5_1_1})")
-    sweep = common.parse(p, argv)
+                   help=f"span-corruption model per size (paper default {T5_1_1})")
+    sweep = parse(p, argv)
     sweep.require_data(sweep.tasks)
 
     def span(size: str) -> str:
         if sweep.cpu and not sweep.args.span_checkpoint:
             return sweep.stage_export(size, "span_corruption")
-        return (sweep.args.span_checkpoint or common.T5_1_1).format(size=size)
+        return (sweep.args.span_checkpoint or T5_1_1).format(size=size)
 
     def lm(size: str) -> str:
         if sweep.cpu and not sweep.args.checkpoint:
@@ -44,15 +45,15 @@ def main(argv=None) -> None:
         "LM Adaptation": lambda size, task, seed: sweep.tuning_job(
             size, lm(size), task, seed=seed),
     }
-    results = common.run_variants(sweep, variants)
+    results = run_variants(sweep, variants)
     if not sweep.dry_run:
-        common.write_sweep(sweep, results, "fig3c_pretraining_objective",
-                           "Figure 3(c): pretraining objective", "pretraining objective",
-                           ["Prompt tuning, prompt length 100, class-label init, on frozen "
-                            "models with different pretraining: "
-                            + ("the in-house stages, span corruption then LM adaptation "
-                               "(scripts/pretrain_tiny.py)." if sweep.cpu else
-                               "T5 1.1 (span corruption) and T5 1.1 lm100k.")])
+        write_sweep(sweep, results, "fig3c_pretraining_objective",
+                    "Figure 3(c): pretraining objective", "pretraining objective",
+                    ["Prompt tuning, prompt length 100, class-label init, on frozen models "
+                     "with different pretraining: "
+                     + ("the in-house stages, span corruption then LM adaptation "
+                        "(scripts/pretrain_tiny.py)." if sweep.cpu else
+                        "T5 1.1 (span corruption) and T5 1.1 lm100k.")])
 
 
 if __name__ == "__main__":

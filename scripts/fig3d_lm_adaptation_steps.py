@@ -13,12 +13,16 @@ does (0 steps: the span-corruption model itself).
 
 from __future__ import annotations
 
-import common
+from jobs import short_path
+from report import write_sweep
+from sweep import T5_1_1, Sweep, Variant, csv, parse, parser, run_variants
+
+from prompt_jax.model_dir import HF_EXPORT, last_step
 
 STEPS = {"paper": "10000,50000,100000,500000,1000000", "cpu": "0,50,200,500"}
 
 
-def cpu_checkpoint(sweep: common.Sweep, size: str, steps: int) -> str:
+def cpu_checkpoint(sweep: Sweep, size: str, steps: int) -> str:
     """The in-house model of a size after `steps` of LM adaptation (0: span corruption)."""
     import pretrain_tiny
 
@@ -26,15 +30,14 @@ def cpu_checkpoint(sweep: common.Sweep, size: str, steps: int) -> str:
     if steps == 0:
         return span
     # The recipe's own LM-adaptation stage, when it has that many steps.
-    records = common.read_jsonl(sweep.pretrain_dir(size) / "lm_adaptation" / "metrics.jsonl")
-    recipe_steps = (max(r["step"] for r in records) if records
-                    else sweep.args.pretrain_steps or pretrain_tiny.LM_STEPS)
+    recipe_steps = (last_step(sweep.pretrain_dir(size) / "lm_adaptation")
+                    or sweep.args.pretrain_steps or pretrain_tiny.LM_STEPS)
     if recipe_steps == steps:
         return sweep.stage_export(size, "lm_adaptation")
     model_dir = sweep.pretrain_dir(size) / f"lm_adaptation_{steps}steps"
-    export = model_dir / "hf_export"
+    export = model_dir / HF_EXPORT
     if sweep.dry_run and not (export / "config.json").is_file():
-        print(f"would run LM adaptation for {steps} steps into {common.short_path(model_dir)}")
+        print(f"would run LM adaptation for {steps} steps into {short_path(model_dir)}")
         return str(export)
     return pretrain_tiny.stage(
         f"LM adaptation ({steps} steps)", "runs/pretrain_lm_adaptation.gin", str(model_dir),
@@ -43,14 +46,14 @@ def cpu_checkpoint(sweep: common.Sweep, size: str, steps: int) -> str:
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__)
+    p = parser(__doc__)
     p.add_argument("--lm_steps", help="comma-separated LM-adaptation step counts (default: "
                                       + "; ".join(f"{k}: {v}" for k, v in STEPS.items()) + ")")
     p.add_argument("--lm_checkpoint", help="paper scale: checkpoint template with {size} and "
                                            "{steps}")
-    sweep = common.parse(p, argv)
+    sweep = parse(p, argv)
     sweep.require_data(sweep.tasks)
-    counts = common.csv(sweep.args.lm_steps, STEPS[sweep.scale_name].split(","), int)
+    counts = csv(sweep.args.lm_steps, STEPS[sweep.scale_name].split(","), int)
 
     def checkpoint(size: str, steps: int) -> str | None:
         if sweep.cpu and not sweep.args.lm_checkpoint:
@@ -60,10 +63,10 @@ def main(argv=None) -> None:
         if steps == 100_000:
             return sweep.checkpoint(size)
         if steps == 0:
-            return common.T5_1_1.format(size=size)
+            return T5_1_1.format(size=size)
         return None
 
-    def variant(steps: int) -> common.Variant:
+    def variant(steps: int) -> Variant:
         def make(size: str, task: str, seed: int):
             ckpt = checkpoint(size, steps)
             if ckpt is None:
@@ -73,14 +76,14 @@ def main(argv=None) -> None:
         return make
 
     variants = {f"{n:,}": variant(n) for n in counts}
-    results = common.run_variants(sweep, variants)
+    results = run_variants(sweep, variants)
     if not sweep.dry_run:
-        common.write_sweep(sweep, results, "fig3d_lm_adaptation_steps",
-                           "Figure 3(d): LM adaptation steps", "LM adaptation steps",
-                           ["Prompt tuning, prompt length 100, class-label init, on the "
-                            "span-corruption model after N steps of LM adaptation"
-                            + (" (in-house: runs/pretrain_lm_adaptation.gin, as "
-                               "scripts/pretrain_tiny.py runs it)." if sweep.cpu else ".")])
+        write_sweep(sweep, results, "fig3d_lm_adaptation_steps",
+                    "Figure 3(d): LM adaptation steps", "LM adaptation steps",
+                    ["Prompt tuning, prompt length 100, class-label init, on the "
+                     "span-corruption model after N steps of LM adaptation"
+                     + (" (in-house: runs/pretrain_lm_adaptation.gin, as "
+                        "scripts/pretrain_tiny.py runs it)." if sweep.cpu else ".")])
 
 
 if __name__ == "__main__":

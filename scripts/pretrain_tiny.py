@@ -25,8 +25,10 @@ import shutil
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from jobs import DEMO_DATA, REPO, SHARED_DATA
+
+from prompt_jax.model_dir import HF_EXPORT, eval_results, read_json
+
 # The recipe's defaults (also read by the reproduction scripts, e.g. Figure 3d).
 SPAN_STEPS, LM_STEPS, BATCH_SIZE = 800, 200, 16
 
@@ -50,7 +52,7 @@ def data_bindings(data_dir: str, vocab: str | None = None) -> list[str]:
 
 def stage(name: str, gin_file: str, model_dir: str, steps: int, batch: int, extra: list[str],
           data: list[str], size: str = "inhouse_tiny") -> str:
-    export = os.path.join(model_dir, "hf_export")
+    export = os.path.join(model_dir, HF_EXPORT)
     if os.path.isfile(os.path.join(export, "model.safetensors")):
         print(f"{name}: reusing {export}", flush=True)
         return export
@@ -64,7 +66,7 @@ def stage(name: str, gin_file: str, model_dir: str, steps: int, batch: int, extr
 def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str],
                  size: str = "inhouse_tiny") -> float:
     """Span-corruption cross-entropy per target token on the held-out documents."""
-    out = os.path.join(model_dir, "eval_validation.json")
+    out = eval_results(model_dir, "validation")
     if not os.path.exists(out):
         prompt_jax("eval", "--gin_file=runs/prompt_eval.gin",
                    "--gin_file=models/t5_1_1_prompt.gin",
@@ -74,18 +76,16 @@ def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str],
                    f"--gin.MODEL_DIR='{model_dir}'",
                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 32}",
                    "--gin.ModelSpec.dropout_rate=0.0", *data)
-    with open(out) as f:
-        return json.load(f)["metrics"]["loss"]
+    return read_json(out)["metrics"]["loss"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data"),
+    p.add_argument("--data_dir", default=str(SHARED_DATA),
                    help="official SuperGLUE/GLUE files (super_glue/<TASK>/train.jsonl, ...) "
                         "and t5/spiece.model")
     p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "pretrain_tiny"))
-    p.add_argument("--out", default=os.path.join(REPO, "prompt_jax", "demo_data",
-                                                 "inhouse_tiny_t5"))
+    p.add_argument("--out", default=str(DEMO_DATA / "inhouse_tiny_t5"))
     p.add_argument("--span_steps", type=int, default=SPAN_STEPS)
     p.add_argument("--lm_steps", type=int, default=LM_STEPS)
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE)

@@ -13,15 +13,20 @@ positions too).
 
 from __future__ import annotations
 
-import common
+from jobs import short_path
+from report import output, pyplot, save_figure, write_markdown
+from scores import tasks_module
+from sweep import parse, parser
+
+from prompt_jax.model_dir import BEST_PROMPT, read_best
 
 TASK = {"paper": "super_glue_boolq", "cpu": "super_glue_rte"}
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__, sizes="one")
+    p = parser(__doc__, sizes="one")
     p.add_argument("--k", type=int, default=5, help="neighbours per position")
-    sweep = common.parse(p, argv)
+    sweep = parse(p, argv)
     task = sweep.args.tasks.split(",")[0] if sweep.args.tasks else TASK[sweep.scale_name]
     sweep.require_data([task])
     size = sweep.sizes[0]
@@ -30,18 +35,15 @@ def main(argv=None) -> None:
     if sweep.dry_run:
         return
 
-    import numpy as np
-
-    from prompt_jax import prompts, serving
+    from prompt_jax import build, prompts, serving
     from prompt_jax.checkpoints import load_checkpoint
-    from prompt_jax.pytree import flatten
 
-    prompt_file = model_dir / "best_prompt.npy"
+    prompt_file = model_dir / BEST_PROMPT
     prompt = prompts.load_prompt(str(prompt_file))
     _, params = load_checkpoint(checkpoint)
-    embedding = np.asarray(flatten(params)["token_embedder/embedding"], np.float32)
+    embedding = build.embedding_table(params)
     ids, sims = serving.nearest_neighbours(prompt, embedding, sweep.args.k)
-    tasks = common.tasks_module()
+    tasks = tasks_module()
     vocab = tasks.get_vocabulary(sweep.vocab)
     labels = tasks.class_labels(task) or ()
     label_ids = {i for label in labels for i in vocab.encode(label)}
@@ -50,14 +52,14 @@ def main(argv=None) -> None:
     top1 = [piece(int(i)) if i < vocab.tokenizer.get_piece_size() else f"<id {i}>"
             for i in ids[:, 0]]
 
-    best = common.best(model_dir)
-    table, plot = common.output(sweep, "sec7_nearest_neighbours")
+    best = read_best(model_dir)
+    table, plot = output(sweep, "sec7_nearest_neighbours")
     summary = [
-        f"Prompt: `{common.short_path(prompt_file)}` ({prompt.shape[0]} x {prompt.shape[1]}), "
+        f"Prompt: `{short_path(prompt_file)}` ({prompt.shape[0]} x {prompt.shape[1]}), "
         f"trained on {task} with {size} (best validation {best['metric']} "
         f"{best['value']:.1f} at step {best['step']}); neighbours in the embedding table of "
-        f"`{common.short_path(checkpoint)}`. The same table: `prompt-jax inspect "
-        f"{common.short_path(prompt_file)} --checkpoint {common.short_path(checkpoint)} "
+        f"`{short_path(checkpoint)}`. The same table: `prompt-jax inspect "
+        f"{short_path(prompt_file)} --checkpoint {short_path(checkpoint)} "
         f"--k {sweep.args.k}`.",
         f"Class labels {', '.join(labels) or '(none)'} (tokens "
         f"{', '.join(piece(i) for i in sorted(label_ids)) or '-'}) initialised positions "
@@ -69,10 +71,9 @@ def main(argv=None) -> None:
         *sweep.setup_lines(),
         "```\n" + serving.format_neighbours(ids, sims, vocab) + "\n```",
     ]
-    common.write_markdown(table, "Section 7: nearest neighbours of the learned prompt tokens",
-                          summary)
+    write_markdown(table, "Section 7: nearest neighbours of the learned prompt tokens", summary)
 
-    plt = common.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.14 * len(ids) + 2), 3.8))
     colors = ["C1" if pos in with_label else "C0" for pos in range(len(ids))]
     ax.bar(range(len(ids)), sims[:, 0], color=colors)
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
                   f"{sweep.args.k} nearest)")
     ax.set_ylabel("cosine similarity")
     ax.set_title(f"Section 7: nearest tokens of a learned prompt ({task}, {size})")
-    common.save_figure(fig, plot)
+    save_figure(fig, plot)
 
 
 if __name__ == "__main__":

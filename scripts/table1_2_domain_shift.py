@@ -15,7 +15,12 @@ no data directory at paper scale, come from TFDS; where they are absent the tabl
 
 from __future__ import annotations
 
-import common
+from jobs import Job, gin_str, short_path
+from report import output, plot_bars, plot_message, run_list, write_markdown
+from scores import fmt, mean_std
+from sweep import Sweep, parse, parser
+
+from prompt_jax.model_dir import HF_EXPORT, final_eval, prompt_at
 
 PAIRS = (("glue_qqp", "glue_mrpc"), ("glue_mrpc", "glue_qqp"))
 METHODS = {"Model": "model", "Prompt": "prompt"}
@@ -24,38 +29,32 @@ TABLE1 = ("Table 1 (SQuAD -> MRQA out-of-domain: TextbookQA, BioASQ, RACE, RE, D
           "is not run: prompt_jax.tasks registers no SQuAD or MRQA task.")
 
 
-def eval_job(sweep: common.Sweep, size: str, task: str, checkpoint: str,
-             prompt_file: str | None, name: str) -> common.Job:
+def eval_job(sweep: Sweep, size: str, task: str, checkpoint: str, prompt_file: str | None,
+             name: str) -> Job:
     prompt_length = 0
-    inputs = [checkpoint]
     if prompt_file:
         import numpy as np
 
         prompt_length = np.load(prompt_file, mmap_mode="r").shape[0]
-        inputs.append(prompt_file)
-    bindings = (f"--gin.MIXTURE_OR_TASK_NAME={common.gin_str(task)}",
-                f"--gin.INITIAL_CHECKPOINT={common.gin_str(checkpoint)}",
-                f"--gin.PROMPT_FILE={common.gin_str(prompt_file)}",
-                f"--gin.TASK_FEATURE_LENGTHS={sweep.lengths(task, prompt_length)}",
-                f"--gin.BATCH_SIZE={sweep.batch_size}", *sweep.data_bindings, *sweep.extra)
-    files = ("models/t5_1_1_prompt.gin", sweep.size_gin(size), "runs/prompt_eval.gin")
-    return common.Job("eval", name, files, bindings, inputs=tuple(inputs))
+    return sweep.job("eval", name, size, ["runs/prompt_eval.gin"], task, checkpoint, [
+        f"--gin.PROMPT_FILE={gin_str(prompt_file)}",
+        f"--gin.TASK_FEATURE_LENGTHS={sweep.lengths(task, prompt_length)}",
+        f"--gin.BATCH_SIZE={sweep.batch_size}"], inputs=[prompt_file] if prompt_file else [])
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__, sizes="one")
-    sweep = common.parse(p, argv)
+    sweep = parse(parser(__doc__, sizes="one"), argv)
     size = sweep.sizes[0]
-    table, plot = common.output(sweep, "table1_2_domain_shift")
+    table, plot = output(sweep, "table1_2_domain_shift")
     title = "Tables 1-2: domain shift"
     missing = sorted({m for pair in PAIRS for t in pair for m in sweep.missing_data(t)})
     if missing:
         message = ("Table 2 not run: the official GLUE files are missing: "
-                   + ", ".join(common.short_path(m) for m in missing)
+                   + ", ".join(short_path(m) for m in missing)
                    + ". Put QQP and MRPC under the data directory (--data_dir or "
                      "PROMPT_JAX_DATA_DIR) as glue/{QQP,MRPC}/{train,dev,test}.tsv.")
-        common.write_markdown(table, title, [TABLE1, message, *sweep.setup_lines()])
-        common.plot_message(plot, title, message)
+        write_markdown(table, title, [TABLE1, message, *sweep.setup_lines()])
+        plot_message(plot, title, message)
         return
 
     rows, dirs, groups = [], {}, {}
@@ -70,12 +69,12 @@ def main(argv=None) -> None:
                 model_dir = sweep.train(job)
                 dirs[f"{label} tuning on {NAMES[train_task]}, seed {seed}"] = model_dir
                 if tuning == "model":
-                    checkpoint, prompt = str(model_dir / "hf_export"), None
+                    checkpoint, prompt = str(model_dir / HF_EXPORT), None
                 else:
-                    prompt = str(model_dir / "prompts" / f"{sweep.steps}.npy")
+                    prompt = prompt_at(model_dir, sweep.steps)
                 if sweep.dry_run:
                     continue
-                scores["in"].append(common.final_eval(model_dir))
+                scores["in"].append(final_eval(model_dir))
                 name = f"{job.name}-on-{other.removeprefix('glue_')}"
                 scores["out"].append(sweep.evaluate(eval_job(sweep, size, other, checkpoint,
                                                              prompt, name)))
@@ -86,18 +85,18 @@ def main(argv=None) -> None:
                 f1 = [m["f1"] for m in scores[where]]
                 rows.append([NAMES[train_task], NAMES[task],
                              "in-domain" if where == "in" else "out-of-domain", label,
-                             common.fmt(acc), common.fmt(f1)])
+                             fmt(acc), fmt(f1)])
                 groups.setdefault(f"{NAMES[train_task]} -> {NAMES[task]}", {})[
-                    f"{label} tuning"] = common.mean_std(f1)[0]
+                    f"{label} tuning"] = mean_std(f1)[0]
     if sweep.dry_run:
         return
-    common.write_markdown(
+    write_markdown(
         table, title,
         [TABLE1, f"Table 2: zero-shot transfer between QQP and MRPC on {size} (the paper: "
                  "T5-XXL), final weights of each run (prompt tuning: the prompt at the last "
                  "step; model tuning: all weights at the last step).", *sweep.setup_lines()],
-        [(["Train", "Eval", "Domain", "Tuning", "Accuracy", "F1"], rows)], [common.run_list(dirs)])
-    common.plot_bars(plot, "Table 2: QQP <-> MRPC (F1)", "F1", groups)
+        [(["Train", "Eval", "Domain", "Tuning", "Accuracy", "F1"], rows)], [run_list(dirs)])
+    plot_bars(plot, "Table 2: QQP <-> MRPC (F1)", "F1", groups)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
-"""Model features for prompt tuning: lengths, truncation, order, rank classification."""
+"""Model features for prompt tuning: lengths, truncation, order; rank-classification
+candidates and gold labels (`prompt_jax.rank_classification`)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+import seqio
 from conftest import shared_file
 from prompt_jax.tasks import config
 from test_tasks import build_data_dir  # the task tests' data directory
 
-from prompt_jax import data, tasks
+from prompt_jax import data, rank_classification, tasks
 
-LENGTHS = {"inputs": 64, "targets": 8}
+LENGTHS = {"inputs": 44, "targets": 8}
 FEATURES = {"encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
             "decoder_loss_weights"}  # fmt: skip
 
@@ -32,9 +33,10 @@ def _take(ds, n=None) -> list[dict]:
     return list((ds.take(n) if n else ds).as_numpy_iterator())
 
 
-def test_features_leave_room_for_the_prompt():
+def test_inputs_length_is_the_text_budget():
+    """TASK_FEATURE_LENGTHS['inputs'] counts text tokens only: the prompt comes on top."""
     shared_file("super_glue", "RTE", "val.jsonl")
-    rows = _take(data.get_dataset("super_glue_rte", "validation", LENGTHS, 20, shuffle=False,
+    rows = _take(data.get_dataset("super_glue_rte", "validation", LENGTHS, shuffle=False,
                                   seed=None, num_epochs=1))  # fmt: skip
     assert len(rows) == 277
     ex = rows[0]
@@ -54,25 +56,24 @@ def test_features_leave_room_for_the_prompt():
     assert list(ex["decoder_loss_weights"]) == [1] * len(target) + [0] * (8 - len(target))
 
 
-def test_prompt_length_bounds():
-    for bad in (-1, 64, 100):
-        with pytest.raises(ValueError, match="prompt length"):
-            data.get_dataset("glue_sst2", "validation", LENGTHS, bad, shuffle=False, seed=None,
+def test_lengths_are_checked():
+    for bad in ({"inputs": 64}, {"inputs": 0, "targets": 8}, {"inputs": 64, "targets": "8"},
+                [64, 8]):
+        with pytest.raises(ValueError, match="TASK_FEATURE_LENGTHS"):
+            data.get_dataset("glue_sst2", "validation", bad, shuffle=False, seed=None,
                              num_epochs=1)  # fmt: skip
-    with pytest.raises(ValueError, match="keys inputs and targets"):
-        data.encoder_length({"inputs": 64}, 0)
-    rows = _take(data.get_dataset("glue_sst2", "validation", LENGTHS, 0, shuffle=False, seed=None,
-                                  num_epochs=1))  # fmt: skip
-    assert rows[0]["encoder_input_tokens"].shape == (64,)  # model tuning: no prompt
 
 
-def test_count_truncated():
+def test_length_stats():
     shared_file("super_glue", "RTE", "val.jsonl")
     vocab = tasks.get_vocabulary()
-    seen = data.count_truncated("super_glue_rte", "validation", LENGTHS, 20)
+    seen = data.length_stats("super_glue_rte", "validation", LENGTHS)
     # Cross-check with the files: inputs (plus EOS) longer than 44 tokens.
-    expected = sum(len(vocab.encode(s)) + 1 > 44 for s in _rte_validation_strings())
+    lengths = [len(vocab.encode(s)) + 1 for s in _rte_validation_strings()]
+    expected = sum(n > 44 for n in lengths)
     assert (seen.truncated, seen.total, seen.max_tokens) == (expected, 277, 44)
+    assert seen.longest_inputs == max(lengths)
+    assert seen.longest_targets == len(vocab.encode("not_entailment")) + 1
     assert str(seen) == f"{expected} of 277 inputs truncated to 44 tokens"
 
 
@@ -86,7 +87,7 @@ def _rte_validation_strings() -> list[str]:
 def test_same_seed_same_order_and_resume_by_skipping():
     def stream(seed):
         # Six epochs of QQP's two examples (num_epochs=None repeats the same way forever).
-        return data.get_dataset("glue_qqp", "train", LENGTHS, 10, shuffle=True, seed=seed,
+        return data.get_dataset("glue_qqp", "train", LENGTHS, shuffle=True, seed=seed,
                                 num_epochs=6)  # fmt: skip
 
     first = [r["encoder_input_tokens"].tolist() for r in _take(stream(3), 12)]
@@ -99,39 +100,52 @@ def test_same_seed_same_order_and_resume_by_skipping():
 
 
 def test_mixture_dataset_and_count():
-    rows = _take(data.get_dataset("super_glue_sentinel", "train", {"inputs": 128, "targets": 8},
-                                  20, shuffle=False, seed=0, num_epochs=None), 10)  # fmt: skip
+    rows = _take(data.get_dataset("super_glue_sentinel", "train", {"inputs": 108, "targets": 8},
+                                  shuffle=False, seed=0, num_epochs=None), 10)  # fmt: skip
     assert len(rows) == 10 and all(set(r) == FEATURES for r in rows)
     assert all(r["encoder_input_tokens"].shape == (108,) for r in rows)
     assert {r["decoder_target_tokens"][0] for r in rows} == {32099}
-    count = data.count_truncated("super_glue", "validation", {"inputs": 512, "targets": 8}, 100)
+    count = data.length_stats("super_glue", "validation", {"inputs": 412, "targets": 8})
     assert count.total == 277 + 104 + 2 + 2 + 2 + 6 + 3 + 2  # the eight validation splits
 
 
 @pytest.mark.parametrize("name", ["glue_mrpc", "glue_mrpc_sentinel"])
-def test_rank_classification(name):
-    rows = _take(data.rank_classification_examples(name, "validation", LENGTHS, 20))
+def test_rank_classification_candidates_and_gold_labels(name):
+    found = rank_classification.candidates(name, 8)
     vocab = tasks.get_vocabulary()
     prefix = [32099] if name.endswith("_sentinel") else []
-    assert [(r["example_id"], r["label_index"], r["is_correct"]) for r in rows] == [
-        (0, 0, False),
-        (0, 1, True),
-        (1, 0, True),
-        (1, 1, False),
-    ]  # dev.tsv: equivalent, then not_equivalent
-    for r in rows:
-        label = ("not_equivalent", "equivalent")[r["label_index"]]
+    assert found.labels == ("not_equivalent", "equivalent")
+    for label, row in zip(found.labels, found.tokens, strict=True):
         target = prefix + vocab.encode(label) + [1]
-        assert list(r["decoder_target_tokens"]) == target + [0] * (8 - len(target))
-        assert r["encoder_input_tokens"].shape == (44,)
-    assert np.array_equal(rows[0]["encoder_input_tokens"], rows[1]["encoder_input_tokens"])
-    scores = [-3.0, -1.0, -0.5, -2.0]
-    picked = data.rank_classification_predictions(
-        [r["example_id"] for r in rows], [r["label_index"] for r in rows], scores
-    )
-    assert picked == {0: 1, 1: 0}
+        assert list(row) == target + [0] * (8 - len(target))
+    # Each candidate is the target the task itself produces for that label.
+    rows = _take(data.get_dataset(name, "validation", LENGTHS, shuffle=False, seed=None,
+                                  num_epochs=1))
+    examples = _take(seqio.get_mixture_or_task(name).get_dataset(
+        {"inputs": 44, "targets": 8}, split="validation", shuffle=False))
+    gold = rank_classification.gold_labels(examples, found.labels)
+    assert gold == {0: 1, 1: 0}  # dev.tsv: equivalent, then not_equivalent
+    for i, label in gold.items():
+        assert list(rows[i]["decoder_target_tokens"]) == list(found.tokens[label])
+
+
+def test_long_labels_are_trimmed_as_the_targets_are():
+    """The one rule: a candidate keeps L - 1 tokens then EOS, exactly as seqio trims the
+    task's targets, so the gold candidate is the trained target at any length."""
+    vocab = tasks.get_vocabulary()
+    long = vocab.encode("not_equivalent")
+    assert len(long) > 2
+    found = rank_classification.candidates("glue_mrpc", 3)
+    assert list(found.tokens[0]) == long[:2] + [1]
+    row = _take(data.get_dataset("glue_mrpc", "validation", {"inputs": 44, "targets": 3},
+                                 shuffle=False, seed=None, num_epochs=1))[1]
+    assert list(row["decoder_target_tokens"]) == list(found.tokens[0])  # its gold label
+    # At L = 1 every label trims to EOS alone: the labels cannot be told apart.
+    assert rank_classification.candidates("glue_mrpc", 1) is None
 
 
 def test_rank_classification_needs_labels():
-    with pytest.raises(ValueError, match="no fixed label strings"):
-        data.rank_classification_examples("super_glue_record", "validation", LENGTHS, 20)
+    assert rank_classification.candidates("super_glue_record", 8) is None
+    assert rank_classification.gold_label(b"<extra_id_0> equivalent",
+                                          ("not_equivalent", "equivalent")) == 1
+    assert rank_classification.gold_label(b"a referent", ("False", "True")) is None

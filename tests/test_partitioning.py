@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import optim, partitioning, trainer
+from prompt_jax import optim, partitioning, train_step
 from prompt_jax.t5 import T5, get_config
 
 HERE = pathlib.Path(__file__).resolve()
@@ -73,30 +73,43 @@ def load_params(out: pathlib.Path) -> dict:
 
 
 def train_on_mesh(mesh, params, local_batches):
-    """STEPS prompt-tuning steps with every array placed per the rules.
+    """STEPS prompt-tuning steps with every array placed per the rules, as the train job
+    places them (`train_step.initial_state`, `jit_train_step`).
 
-    -> (losses, updated prompt, the jitted step, the arguments of its last call)."""
+    -> (losses, updated prompt, the jitted step, abstract arguments of its last call)."""
     model, tx = make_model(), optim.adafactor()
-    abstract = jax.eval_shape(model.init, *init_args())["params"]
-    shardings = partitioning.params_shardings(mesh, abstract)
-    t_sh, f_sh = optim.split_params(shardings)
-    trainable, frozen = optim.split_params(params)
-    o_sh = partitioning.opt_state_shardings(tx, trainable, t_sh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = trainer.TrainState(step=replicated, trainable=t_sh, opt_state=o_sh)
-    host_state = trainer.TrainState(np.zeros((), np.int32), trainable, tx.init(trainable))
-    state = partitioning.shard_params(host_state, state_sh)
-    frozen = partitioning.shard_params(frozen, f_sh)
-    step = partitioning.sharded_jit(
-        trainer.make_train_step(model, tx), mesh,
-        in_shardings=(state_sh, f_sh, partitioning.batch_sharding(mesh)),
-        out_shardings=(state_sh, replicated))
-    losses = []
+    state, frozen, shardings = train_step.initial_state(mesh, model, params,
+                                                        optim.DEFAULT_TRAINABLE, tx)
+    step = train_step.jit_train_step(train_step.make_train_step(model, tx), mesh, shardings)
+    losses, args = [], None
     for b in local_batches:
-        args = (state, frozen, partitioning.global_batch(b, mesh))
-        state, metrics = step(*args)
+        batch = partitioning.global_batch(b, mesh)
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            (state, frozen, batch))
+        state, metrics = step(state, frozen, batch)
         losses.append(float(metrics["loss"]))
     return losses, np.asarray(state.trainable["encoder"]["prompt"]["prompt"]), step, args
+
+
+def decode_on(mesh, params, tokens):
+    """Greedy and beam decoding and candidate scores with the batch's rows on `data`."""
+    from prompt_jax import build, decoding, serving
+
+    model = T5(CONFIG)
+    flat = optim.flatten(params)
+    prompt = flat.pop("encoder/prompt/prompt")
+    frozen = optim.unflatten(flat)
+    placed = frozen if mesh is None else build.place_params(CONFIG, frozen, mesh)
+    batch = jnp.asarray(tokens) if mesh is None else partitioning.whole_batch(
+        {"x": tokens}, mesh)["x"]
+    greedy, greedy_scores = decoding.greedy_decode(model, placed, batch, 6, jnp.asarray(prompt))
+    beams, beam_scores = decoding.beam_search(model, placed, batch, 5, 3, 0.6,
+                                              jnp.asarray(prompt))
+    candidates = np.array([[5, 9, 1, 0], [7, 1, 0, 0], [3, 3, 3, 1]], np.int32)
+    ranked = serving.score_targets(model, placed, batch, candidates, jnp.asarray(prompt))
+    return {"greedy": np.asarray(greedy), "greedy_scores": np.asarray(greedy_scores),
+            "beams": np.asarray(beams), "beam_scores": np.asarray(beam_scores),
+            "ranked": np.asarray(ranked)}
 
 
 def spec_list(sharding) -> list:
@@ -112,8 +125,8 @@ def reference(out: pathlib.Path) -> tuple[dict, list[float], np.ndarray]:
     params = jax.tree.map(np.asarray, nn.unbox(jax.jit(model.init)(*init_args())["params"]))
     np.savez(out / "params.npz", **optim.flatten(params))
     trainable, frozen = optim.split_params(params)
-    state = trainer.TrainState.create(trainable, tx)
-    step = jax.jit(trainer.make_train_step(model, tx))
+    state = train_step.TrainState.create(trainable, tx)
+    step = jax.jit(train_step.make_train_step(model, tx))
     losses = []
     for b in make_batches():
         state, metrics = step(state, frozen, b)
@@ -141,18 +154,30 @@ def worker_eight(out: pathlib.Path) -> None:
             jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, unboxed))[0],
             jax.tree.leaves(o_sh), strict=True)}
 
-    # Created directly sharded: each device holds its slice, values as on one device.
-    created, created_sh = partitioning.init_sharded(
-        lambda *a: model.init(*a)["params"], mesh, *init_args())
-    emb = created["token_embedder"]["embedding"]
+    # The train state created directly sharded: each device holds its slice, values as the
+    # host's, shardings as the rules give them.
+    state, frozen, state_sh = train_step.initial_state(mesh, model, params,
+                                                       optim.DEFAULT_TRAINABLE, tx)
+    emb = frozen["token_embedder"]["embedding"]
     result["embedding_shard_shapes"] = sorted({tuple(s.data.shape) for s in
                                                emb.addressable_shards})
-    result["init_max_diff"] = max(
-        float(np.max(np.abs(np.asarray(created_flat) - optim.flatten(params)[k])))
-        for k, created_flat in optim.flatten(created).items())
+    placed = {**optim.flatten(frozen), **optim.flatten(state.trainable)}
+    result["init_max_diff"] = max(float(np.max(np.abs(np.asarray(v) - optim.flatten(params)[k])))
+                                  for k, v in placed.items())
     result["init_shardings_match"] = all(
-        created_flat.sharding == optim.flatten(created_sh)[k]
-        for k, created_flat in optim.flatten(created).items())
+        v.sharding == optim.flatten(shardings)[k] for k, v in placed.items())
+
+    # Eval and decoding with the batch's rows on `data` equal one device.
+    tokens = make_batches()[0]["encoder_input_tokens"]
+    one = decode_on(None, params, tokens)
+    result["decoding"] = {}
+    for shape in [(8, 1), (4, 2)]:
+        got = decode_on(partitioning.make_mesh(shape), params, tokens)
+        result["decoding"][str(shape)] = {
+            "same_tokens": bool(np.array_equal(got["greedy"], one["greedy"])
+                                and np.array_equal(got["beams"], one["beams"])),
+            "max_score_diff": max(float(np.max(np.abs(got[k] - one[k])))
+                                  for k in ("greedy_scores", "beam_scores", "ranked"))}
 
     # Errors.
     errors = {}
@@ -183,7 +208,7 @@ def worker_eight(out: pathlib.Path) -> None:
                                      if "sharding_constraint" in ln]
             # The legacy `with mesh:` context does not activate flax's constraints.
             with mesh, nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-                legacy = jax.jit(trainer.make_train_step(model, optim.adafactor()))
+                legacy = jax.jit(train_step.make_train_step(model, optim.adafactor()))
                 result["legacy_constraints"] = legacy.lower(*args).as_text().count(
                     "sharding_constraint")
     np.savez(out / "prompts_eight.npz", **prompts)
@@ -231,13 +256,25 @@ def eight(tmp_path_factory):
     return result
 
 
-def test_rules_table():
+def test_rules_table_covers_every_logical_axis_of_the_model():
+    """Every logical name a parameter or activation of T5 carries has exactly one rule, every
+    rule maps to an axis of the mesh (or replicates) and names something the model uses."""
+    from prompt_jax.t5 import model as t5_model
+
     rules = dict(partitioning.LOGICAL_AXIS_RULES)
     assert len(rules) == len(partitioning.LOGICAL_AXIS_RULES), "one rule per logical name"
-    assert rules == {"batch": "data", "vocab": "model", "embed": None, "mlp": "model",
-                     "heads": "model", "kv": None, "joined_kv": "model",
-                     "relpos_buckets": None, "length": None, "prompt": None,
-                     "prompt_embed": None}
+    assert set(rules.values()) <= set(partitioning.MESH_AXES) | {None}
+    boxed = t5_model.abstract_params(CONFIG, PROMPT_LENGTH, boxed=True)
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    param_names = {n for leaf in leaves for n in leaf.names}
+    layers_source = (REPO / "prompt_jax" / "t5" / "layers.py").read_text() + \
+        (REPO / "prompt_jax" / "t5" / "model.py").read_text()
+    activation_names = {n for n in rules if f'"{n}"' in layers_source}
+    assert param_names <= set(rules), param_names - set(rules)
+    assert set(rules) == param_names | activation_names, set(rules) - param_names
+    # The prompt is replicated (prompt tuning's rule): every device holds it whole.
+    assert rules["prompt"] is None and rules["prompt_embed"] is None
+    assert rules["batch"] == "data"
 
 
 def test_param_shardings_follow_rules(eight):
@@ -287,6 +324,13 @@ def test_created_directly_sharded(eight):
     assert eight["embedding_shard_shapes"] == [[32, 32]]  # [128, 32] over model=4
     assert eight["init_shardings_match"]
     assert eight["init_max_diff"] <= 1e-6
+
+
+@pytest.mark.parametrize("shape", ["(8, 1)", "(4, 2)"])
+def test_decoding_with_data_sharded_batches_matches_one_device(eight, shape):
+    result = eight["decoding"][shape]
+    assert result["same_tokens"]
+    assert result["max_score_diff"] <= 1e-4
 
 
 def test_errors_on_eight_devices(eight):
@@ -376,15 +420,13 @@ def test_initialize_distributed_single_process(monkeypatch):
         partitioning.initialize_distributed()
 
 
-def test_activation_context_and_sharded_jit_on_one_device():
+def test_sharded_jit_on_one_device():
     mesh = partitioning.make_mesh((1, 1))
     f = lambda x: nn.with_logical_constraint(x * 2, ("batch", "mlp"))
     x = jnp.ones((2, 4))
     step = partitioning.sharded_jit(f, mesh, in_shardings=None, out_shardings=None)
     assert "sharding_constraint" in step.lower(x).as_text()
-    with partitioning.activation_context(mesh):
-        assert "sharding_constraint" in jax.jit(f).lower(x).as_text()
-    # Outside both: the model's constraints are no-ops (a fresh function: no cache hit).
+    # Outside: the model's constraints are no-ops (a fresh function: no cache hit).
     assert "sharding_constraint" not in jax.jit(lambda y: f(y)).lower(x).as_text()
 
 

@@ -1,4 +1,4 @@
-"""The reproduction scripts (scripts/): the shared helper quickly, and every script end to
+"""The reproduction scripts (scripts/): the shared modules quickly, and every script end to
 end at CPU scale with 2 training steps (slow: `pytest -m slow tests/test_scripts.py`)."""
 
 from __future__ import annotations
@@ -7,25 +7,44 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
+from prompt_jax.model_dir import final_eval, finished, read_best
 from prompt_jax.t5.config import SIZES
 
 SCRIPTS = REPO_ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-import common  # noqa: E402  (scripts/ is not a package)
+# scripts/ is not a package
+import report  # noqa: E402
+from jobs import shell_arg, short_path  # noqa: E402
+from scores import SUPERGLUE, aggregate, fmt, param_count, score_label, task_score  # noqa: E402
+from sweep import Results, Sweep, parse, parser  # noqa: E402
 
 DEMO_DATA = REPO_ROOT / "prompt_jax" / "demo_data"
 STAND_INS = REPO_ROOT / "tests" / "testdata" / "official"
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def sweep_for(tmp_path, *extra: str) -> common.Sweep:
-    return common.parse(common.parser("test"), [
+def sweep_for(tmp_path, *extra: str) -> Sweep:
+    return parse(parser("test"), [
         "--scale", "cpu", "--work_dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
         "--data_dir", str(DEMO_DATA), *extra])
+
+
+def image(path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The PNG at `path`, decoded [H, W, 4]; checked to be `size` (width, height) pixels."""
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    assert size is None or pixels.shape[:2] == (size[1], size[0]), (path, pixels.shape)
+    return pixels
+
+
+def drawn_on(pixels: np.ndarray) -> float:
+    """The fraction of pixels that are not white."""
+    return float((pixels[..., :3] < 0.95).any(axis=-1).mean())
 
 
 # --------------------------------------------------------------------------- quick
@@ -64,50 +83,113 @@ def test_commands_are_the_users_gin_configs(tmp_path):
     model = sweep.tuning_job("inhouse_tiny", "/m", "super_glue_rte", tuning="model").argv(None)
     assert "--gin_file=runs/model_finetune.gin" in model
     assert not any(a.startswith("--gin.PROMPT_LENGTH") for a in model)
-    assert common.shell_arg("--gin.MODEL_DIR='/a b'") == "--gin.MODEL_DIR=\"'/a b'\""
+    assert shell_arg("--gin.MODEL_DIR='/a b'") == "--gin.MODEL_DIR=\"'/a b'\""
+    assert short_path(f"--gin.MODEL_DIR='{REPO_ROOT}/runs/a'") == "--gin.MODEL_DIR='runs/a'"
+    assert short_path(REPO_ROOT.parent / "shared") == "../shared"
+    elsewhere = f"/tmp/x{REPO_ROOT.parent}/y"  # holds the repository's parent, not under it
+    assert short_path(elsewhere) == elsewhere
+    # --gin. arguments reach every command as given, whatever their values hold
+    given = ["--gin.MESH_SHAPE=(-1, 8)", "--gin.infer.note='a = b'"]
+    assert sweep_for(tmp_path, *given).extra == tuple(given)
+    with pytest.raises(SystemExit):
+        sweep_for(tmp_path, "--gin.MESH_SHAPE")
 
 
-def test_finished_runs_are_recognised(tmp_path):
+def test_finished_runs_are_recognised(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    assert not common.finished(run, 4)
+    assert not finished(run, 4)
     lines = [{"step": 2, "loss": 1.0}, {"step": 4, "split": "validation", "accuracy": 60.0,
                                         "loss": 0.5}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert not common.finished(run, 4)  # no best.json yet
+    assert not finished(run, 4)  # no best.json yet
     (run / "best.json").write_text(json.dumps({"step": 4, "metric": "accuracy", "value": 60.0,
                                                "metrics": {"accuracy": 60.0, "loss": 0.5}}))
-    assert common.finished(run, 4) and not common.finished(run, 5)
-    assert common.final_eval(run) == {"accuracy": 60.0, "loss": 0.5}
-    assert common.best(run)["value"] == 60.0
+    assert finished(run, 4) and not finished(run, 5)
+    assert final_eval(run) == {"accuracy": 60.0, "loss": 0.5}
+    assert read_best(run)["value"] == 60.0
+    # A sweep reuses such a run: no command.
+    sweep = sweep_for(tmp_path, "--steps", "4")
+    job = sweep.tuning_job("inhouse_tiny", "/m", "super_glue_rte")
+    sweep.run_dir(job).parent.mkdir(parents=True)
+    run.rename(sweep.run_dir(job))
+    assert sweep.train(job) == sweep.run_dir(job)
+    assert capsys.readouterr().out.startswith("reusing ")
 
 
 def test_scores():
-    assert common.task_score({"f1": 80.0, "accuracy": 90.0, "loss": 3.0}) == 85.0
-    assert common.aggregate({"super_glue_rte": {"accuracy": 60.0}}) == 60.0
-    eight = {t: {"accuracy": 50.0} for t in common.SUPERGLUE}
+    from prompt_jax.tasks.metrics import SUPERGLUE_SCORED_TASKS
+
+    assert SUPERGLUE == tuple(f"super_glue_{t}" for t in SUPERGLUE_SCORED_TASKS)
+    assert task_score({"f1": 80.0, "accuracy": 90.0, "loss": 3.0}) == 85.0
+    assert aggregate({"super_glue_rte": {"accuracy": 60.0}}) == 60.0
+    eight = {t: {"accuracy": 50.0} for t in SUPERGLUE}
     eight["super_glue_cb"] = {"mean_3class_f1": 70.0, "accuracy": 90.0}
-    assert common.aggregate(eight) == pytest.approx((7 * 50.0 + 80.0) / 8)
-    assert common.score_label(["super_glue_rte"], {"accuracy": 1}) == "RTE accuracy"
-    assert common.score_label(common.SUPERGLUE) == "SuperGLUE score"
-    assert common.fmt([50.0, 60.0]) == "55.0 ± 7.1" and common.fmt([]) == "—"
+    assert aggregate(eight) == pytest.approx((7 * 50.0 + 80.0) / 8)
+    assert score_label(["super_glue_rte"], {"accuracy": 1}) == "RTE accuracy"
+    assert score_label(SUPERGLUE) == "SuperGLUE score"
+    assert fmt([50.0, 60.0]) == "55.0 ± 7.1" and fmt([]) == "—"
 
 
-def test_tables_and_plots(tmp_path):
-    md = common.write_markdown(tmp_path / "t.md", "Title", ["text"], [(["a", "b"], [[1, 2]])])
+def cells(table: str, *first: str) -> list[str]:
+    """The cells after `first` of the first markdown row that starts with them."""
+    start = "| " + " | ".join(first) + " |"
+    row = next(line for line in table.splitlines() if line.startswith(start))
+    return [c.strip() for c in row.strip("|").split("|")][len(first):]
+
+
+def test_tables_and_plots(tmp_path, monkeypatch):
+    md = report.write_markdown(tmp_path / "t.md", "Title", ["text"], [(["a", "b"], [[1, 2]])])
     assert md.read_text() == "# Title\n\ntext\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n"
+
+    # A sweep's table and plot show the same numbers.
+    sweep = sweep_for(tmp_path, "--sizes", "inhouse_mini,inhouse_tiny")
+    monkeypatch.setattr(sweep, "majority_baseline", lambda: 52.7)
+    rte = "super_glue_rte"
+    results = Results(
+        series={"Prompt": {"inhouse_mini": [50.0, 52.0], "inhouse_tiny": [55.0]},
+                "Model": {"inhouse_mini": [51.0]}},  # as run_variants: none where missing
+        by_task={}, dirs={"a": tmp_path / "run"}, missing={("Model", "inhouse_tiny"): "why"},
+        metric_names={rte: ["accuracy"]},
+        diagnostics={("Prompt", "inhouse_mini", rte): [{"rank_accuracy": 60.0, "loss": 0.7},
+                                                       {"rank_accuracy": 62.0, "loss": 0.6}],
+                     ("Prompt", "inhouse_tiny", rte): [{"rank_accuracy": 64.0, "loss": 0.5}]})
+    table, plot = report.write_sweep(sweep, results, "stem", "Title", "variant", ["text"])
+    text = table.read_text()
+    assert table.name == "stem_cpu.md" and plot.path.name == "stem_cpu.png"
+    assert cells(text, "Prompt") == ["51.0 ± 1.4", "55.0"]
+    assert cells(text, "Model") == ["51.0", "not run: why"]
+    x = {s: float(param_count(s)) for s in sweep.sizes}
+    scores = plot.drawn["RTE accuracy"]
+    for label in ("Prompt", "Model"):  # every number of the table, and nothing else
+        expected = [(x[s], float(c.split(" ± ")[0]))
+                    for s, c in zip(sweep.sizes, cells(text, label), strict=True)
+                    if not c.startswith("not run")]
+        assert [(px, round(py, 1)) for px, py in scores[label]] == expected, label
+    assert {y for _, y in scores["majority class (52.7)"]} == {52.7}
+    losses = plot.drawn["validation loss per token (lower is better)"]
+    assert [(px, round(py, 3)) for px, py in losses["Prompt"]] == [
+        (x[s], float(cells(text, "Prompt", s, rte)[1].split(" ± ")[0])) for s in sweep.sizes]
+    assert drawn_on(image(plot.path, (1320, 480))) > 0.02  # two panels of 5.5 x 4 in, 120 dpi
+
+    # One size: a bar per series; grouped bars; nothing to plot.
     params = {"inhouse_mini": 1_000_000, "inhouse_tiny": 2_650_000}
-    many = {"Prompt": {"inhouse_mini": [50.0, 52.0], "inhouse_tiny": [55.0]},
-            "Model": {"inhouse_mini": [51.0], "inhouse_tiny": [58.0, 60.0]}}
     one = {"P=1": {"inhouse_tiny": [50.0]}, "P=100": {"inhouse_tiny": [54.0, 56.0]}}
-    paths = [common.plot_vs_size(tmp_path / "lines.png", "t", "y", many, params, 52.7),
-             common.plot_vs_size(tmp_path / "bars.png", "t", "y", one, params),
-             common.plot_vs_size(tmp_path / "none.png", "t", "y", {"a": {}}, params),
-             common.plot_bars(tmp_path / "groups.png", "t", "y",
-                              {"RTE": {"Average": 50.0, "Ensemble": 53.0}}),
-             common.plot_message(tmp_path / "msg.png", "t", "not run: files missing")]
-    for path in paths:
-        assert path.read_bytes()[:8] == PNG, path
+    bars = report.plot_vs_size(tmp_path / "bars.png", "t", "y", one, params)
+    assert bars.drawn == {"y": {"P=1": [(0.0, 50.0)], "P=100": [(1.0, 55.0)]}}
+    groups = report.plot_bars(tmp_path / "groups.png", "t", "y",
+                              {"RTE": {"Average": 50.0, "Ensemble": 53.0}})
+    assert {k: [y for _, y in v] for k, v in groups.drawn["y"].items()} == {
+        "Average": [50.0], "Ensemble": [53.0]}
+    empty = report.plot_vs_size(tmp_path / "none.png", "t", "y", {"a": {}}, params)
+    message = report.plot_message(tmp_path / "msg.png", "t", "not run: files missing")
+    assert empty.drawn == message.drawn == {"": {}}
+    for plot, size in ((bars, (660, 480)), (groups, (540, 480)), (empty, (720, 300)),
+                       (message, (720, 300))):
+        assert drawn_on(image(plot.path, size)) > 0.002, plot.path
+    # control: a blank figure fails the check
+    blank = report.save_figure(report.pyplot().figure(figsize=(2, 1)), tmp_path / "blank.png")
+    assert drawn_on(image(blank.path, (240, 120))) == 0.0
 
 
 SCRIPT_NAMES = ["fig1_scale", "fig3a_prompt_length", "fig3b_prompt_init",
@@ -160,41 +242,57 @@ def test_a_paper_scale_command_is_valid_gin(tmp_path, capsys):
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def cpu(tmp_path_factory):
-    """Shared directories and flags: 2 steps, batch 4, 8 eval examples, the bundled RTE
-    slice, and an in-house model pretrained for 2 steps per stage (built by the first
-    script that needs it, reused by the others)."""
-    root = tmp_path_factory.mktemp("reproduction")
+def cpu_run(root, pretrain) -> tuple:
+    """Directories and flags of the end-to-end runs: 2 steps, batch 4, 8 eval examples, the
+    bundled RTE slice, and in-house models pretrained for 2 steps per stage under
+    `pretrain` (built by the first script that needs them)."""
     flags = ["--scale", "cpu", "--steps", "2", "--pretrain_steps", "2", "--batch_size", "4",
              "--work_dir", str(root / "work"), "--out", str(root / "out"),
-             "--pretrain_root", str(root / "pretrain"),
-             "--backbone", str(root / "pretrain" / "inhouse_tiny_t5"),
+             "--pretrain_root", str(pretrain), "--backbone", str(pretrain / "inhouse_tiny_t5"),
              "--gin.train.eval_examples=8", "--gin.infer.max_examples=8",
              "--gin.evaluate.eval_examples=8"]
-    return root, flags
+    return root, pretrain, flags
+
+
+@pytest.fixture(scope="module")
+def shared_pretrain(tmp_path_factory):
+    """The in-house models the end-to-end tests share (what they check does not depend on
+    which test built them)."""
+    return tmp_path_factory.mktemp("pretrain")
+
+
+@pytest.fixture
+def cpu(tmp_path, shared_pretrain):
+    """This test's own run and output directories, on the shared in-house models."""
+    return cpu_run(tmp_path, shared_pretrain)
+
+
+@pytest.fixture
+def cpu_unbuilt(tmp_path):
+    """This test's own directories and in-house models (none built yet)."""
+    return cpu_run(tmp_path, tmp_path / "pretrain")
 
 
 def run_script(cpu, name: str, *extra: str, data_dir=DEMO_DATA) -> tuple[str, str, str]:
     """Run a script; -> (stdout, table text, path of the PNG it wrote)."""
-    root, flags = cpu
+    root, _, flags = cpu
     proc = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), *flags,
                            "--data_dir", str(data_dir), *extra],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = root / "out" / f"{name}_cpu.md"
     plot = root / "out" / f"{name}_cpu.png"
-    assert plot.read_bytes()[:8] == PNG
+    assert drawn_on(image(plot)) > 0.002
     return proc.stdout, table.read_text(), plot
 
 
 @pytest.mark.slow
-def test_fig3c_builds_the_inhouse_stages_and_compares_objectives(cpu):
-    out, table, _ = run_script(cpu, "fig3c_pretraining_objective")
+def test_fig3c_builds_the_inhouse_stages_and_compares_objectives(cpu_unbuilt):
+    out, table, _ = run_script(cpu_unbuilt, "fig3c_pretraining_objective")
     assert "scripts/pretrain_tiny.py --size inhouse_tiny" in out
-    root, _ = cpu
+    _, pretrain, _ = cpu_unbuilt
     for stage in ("span_corruption", "lm_adaptation"):
-        assert (root / "pretrain" / "pretrain_tiny" / stage / "hf_export").is_dir()
+        assert (pretrain / "pretrain_tiny" / stage / "hf_export").is_dir()
     for row in ("| Span Corruption |", "| Span Corruption + Sentinel |", "| LM Adaptation |"):
         assert row in table
     assert "RTE accuracy" in table and "majority class" in table
@@ -211,6 +309,7 @@ def test_fig3a_prompt_lengths(cpu):
 
 @pytest.mark.slow
 def test_fig3b_prompt_inits_reuse_the_class_label_run(cpu):
+    run_script(cpu, "fig3a_prompt_length", "--lengths", "100")  # P=100, class-label init
     out, table, _ = run_script(cpu, "fig3b_prompt_init")
     for row in ("| Random Uniform |", "| Sampled Vocab |", "| Class Label |"):
         assert row in table
@@ -236,9 +335,9 @@ def test_fig1_prompt_vs_model_tuning(cpu):
 @pytest.mark.skipif("inhouse_mini" not in SIZES, reason="SIZES has no inhouse_mini yet")
 def test_fig1_builds_each_inhouse_size(cpu):
     out, table, _ = run_script(cpu, "fig1_scale")  # default sizes: inhouse_mini, inhouse_tiny
-    root, _ = cpu
-    assert "scripts/pretrain_tiny.py --size inhouse_mini" in out
-    assert (root / "pretrain" / "pretrain_inhouse_mini" / "model" / "REPORT.md").is_file()
+    _, pretrain, _ = cpu
+    assert "scripts/pretrain_tiny.py --size inhouse_mini" in out  # no other test builds it
+    assert (pretrain / "pretrain_inhouse_mini" / "model" / "REPORT.md").is_file()
     assert "inhouse_mini (1.1M)" in table and "Held-out span-corruption loss" in table
 
 
@@ -252,6 +351,7 @@ def test_table3_ensembling(cpu):
 
 @pytest.mark.slow
 def test_sec7_nearest_neighbours_reuses_its_run(cpu):
+    run_script(cpu, "fig3a_prompt_length", "--lengths", "100")  # the default run
     out, table, _ = run_script(cpu, "sec7_nearest_neighbours")
     assert "$ prompt-jax train" not in out and "reusing" in out
     assert "neighbour 5" in table and "entailment" in table
