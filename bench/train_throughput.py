@@ -6,7 +6,7 @@
 
 Same batch on every side (random weights, random token ids, no padding): batch 32,
 inputs 128 + prompt 100, targets 8. Variants:
-  jax-prompt   prompt_jax prompt tuning: `trainer.make_train_step`, `optim.adafactor()`
+  jax-prompt   prompt_jax prompt tuning: `train_step.make_train_step`, `optim.adafactor()`
                on the prompt only, jitted with the train state donated;
   jax-model    prompt_jax model tuning on the same token count: no prompt, inputs 228,
                every weight trainable (`optim.MODEL_TUNING`), same Adafactor;
@@ -50,24 +50,27 @@ def build_jax_step(spec: dict[str, Any]):
     """-> (compiled step, run_once, info) for a prompt_jax variant."""
     import flax
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
-    from prompt_jax import optim, trainer
+    from prompt_jax import optim, partitioning, train_step
     from prompt_jax.t5 import T5
 
     cfg = _config(spec)
     model = T5(cfg, prompt_length=spec["prompt_length"])
     batch = common.train_batch(spec["batch"], spec["input_length"], spec["target_length"],
                                cfg.vocab_size, spec["seed"])
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}  # on the device once, outside the step
     one = {k: v[:1] for k, v in batch.items()}
     params = jax.jit(model.init)(jax.random.PRNGKey(spec["seed"]), one["encoder_input_tokens"],
                                  one["decoder_input_tokens"])["params"]
+    params = jax.tree.map(np.asarray, flax.linen.unbox(params))
     regexes = optim.DEFAULT_TRAINABLE if spec["trainable"] == "prompt" else optim.MODEL_TUNING
-    trainable, frozen = optim.split_params(flax.linen.unbox(params), regexes)
     tx = optim.adafactor()
-    state = trainer.TrainState.create(trainable, tx)
-    step = jax.jit(trainer.make_train_step(model, tx), donate_argnums=0)
+    # As the train job builds and compiles it, on a one-device mesh.
+    mesh = partitioning.make_mesh((1, 1), jax.devices()[:1])
+    state, frozen, shardings = train_step.initial_state(mesh, model, params, regexes, tx)
+    trainable = state.trainable
+    step = train_step.jit_train_step(train_step.make_train_step(model, tx), mesh, shardings)
+    batch = partitioning.global_batch(batch, mesh)  # on the device once, outside the step
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0

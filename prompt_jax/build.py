@@ -1,7 +1,9 @@
-"""What a job builds before its loop: the model config, the frozen weights, the prompt.
+"""What a job builds before its loop: the model config, the frozen weights, the prompts.
 
 Configurable from gin (the only gin-facing pieces besides the job functions):
 `ModelSpec` (which T5, which dtypes) and `PromptInit` (how the prompt starts).
+`load_frozen` is how every job gets its frozen model; `load_served` (eval, infer,
+serve) adds the prompts it runs.
 """
 
 from __future__ import annotations
@@ -9,38 +11,77 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 import gin
 import jax
 import numpy as np
 
+from prompt_jax import model_dir as model_dir_lib
 from prompt_jax import prompts
 from prompt_jax.checkpoints import load_checkpoint, save_hf
+from prompt_jax.checkpoints.tree import cast_params, check_params
 from prompt_jax.pytree import flatten
-from prompt_jax.t5.config import SIZES, T5Config, get_config
+from prompt_jax.t5.config import T5Config, get_config
 
-PROMPT_INIT_KINDS = ("random_uniform", "sampled_vocab", "class_labels", "from_string",
-                     "from_file")
+PROMPT_INIT_KINDS = ("random_uniform", "reference_uniform", "sampled_vocab", "class_labels",
+                     "from_string", "from_file")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Which T5 (a name in `prompt_jax.t5.config.SIZES`) and its numerics.
+    """Which T5 and its numerics.
 
-    `param_dtype` is the dtype the frozen weights are held in (bfloat16 halves
+    `size` names a shape in `prompt_jax.t5.config.SIZES`. With an INITIAL_CHECKPOINT the
+    checkpoint alone determines the architecture (`size` may stay None; when given, it is
+    checked against the checkpoint); without one (a randomly initialised run) `size` is
+    required. `param_dtype` is the dtype the frozen weights are held in (bfloat16 halves
     their memory); the prompt and its optimizer state are always float32.
     """
 
-    size: str = "t5_1_1_base"
+    size: str | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     dropout_rate: float = 0.1
 
+    def numerics(self) -> dict[str, Any]:
+        """What the spec sets whatever the architecture."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                    dropout_rate=self.dropout_rate)
+
     def config(self) -> T5Config:
-        return get_config(self.size, dtype=self.dtype, param_dtype=self.param_dtype,
-                          dropout_rate=self.dropout_rate)
+        if self.size is None:
+            raise ValueError("ModelSpec.size is not set and there is no INITIAL_CHECKPOINT to "
+                             "take the architecture from: add a size gin file "
+                             "(models/sizes/*.gin) or set INITIAL_CHECKPOINT")
+        return get_config(self.size, **self.numerics())
+
+    def resolve(self, found: T5Config, source: str) -> T5Config:
+        """The run's config for a checkpoint whose architecture is `found`: its shapes, this
+        spec's numerics; a `size`, when set, must agree (what shapes cannot tell, e.g. a t5x
+        checkpoint's relative_attention_max_distance, is taken from the size)."""
+        if self.size is None:
+            return found.replace(**self.numerics())
+        want = self.config()
+        names = [f.name for f in dataclasses.fields(T5Config)
+                 if f.name not in _NOT_FROM_CHECKPOINT and f.name != "scale_logits"]
+        for name in names + ["logits_scaled"]:
+            ours, theirs = getattr(want, name), getattr(found, name)
+            if ours != theirs:
+                raise ValueError(
+                    f"{source}: the checkpoint has {name}={theirs!r}, but "
+                    f"ModelSpec.size={self.size!r} has {name}={ours!r}; drop the size "
+                    "gin file (INITIAL_CHECKPOINT determines the architecture) or pick the "
+                    "checkpoint's size")
+        return found.replace(**{n: getattr(want, n) for n in _NOT_FROM_CHECKPOINT})
+
+
+# Fields a T5Config takes from the run (or the size) rather than from a checkpoint's shapes.
+_NOT_FROM_CHECKPOINT = ("dtype", "param_dtype", "dropout_rate", "relative_attention_max_distance",
+                        "layer_norm_epsilon")
 
 
 @gin.configurable
@@ -48,7 +89,9 @@ class ModelSpec:
 class PromptInit:
     """How the prompt starts (the paper's ablation, Figure 3b).
 
-    kind: random_uniform | sampled_vocab | class_labels | from_string | from_file.
+    kind: random_uniform (the paper's U[-scale, scale]) | reference_uniform (the reference
+    code's U[0, scale)) | sampled_vocab | class_labels | from_string | from_file (any prompt
+    artifact).
     `labels` defaults to the task's class labels; `path` is the `.npy` for from_file.
     """
 
@@ -73,6 +116,8 @@ def prompt_initializer(spec: PromptInit, embedding: np.ndarray, vocab: Any,
     sampled = prompts.sampled_vocab(embedding, spec.population_size)
     if spec.kind == "random_uniform":
         return prompts.random_uniform(spec.scale)
+    if spec.kind == "reference_uniform":
+        return prompts.reference_uniform(spec.scale)
     if spec.kind == "sampled_vocab":
         return sampled
     if spec.kind == "class_labels":
@@ -90,60 +135,109 @@ def prompt_initializer(spec: PromptInit, embedding: np.ndarray, vocab: Any,
     return prompts.from_file(spec.path)
 
 
-def base_model_dir(model_dir: str) -> str:
-    """Where a randomly initialised run keeps its frozen weights (an HF directory)."""
-    return os.path.join(model_dir, "base_model")
-
-
 def load_frozen(spec: ModelSpec, initial_checkpoint: str | None, model_dir: str | None,
                 seed: int) -> tuple[T5Config, dict[str, Any]]:
-    """(config, frozen params as host numpy arrays) for a run.
+    """(config, frozen params as host numpy arrays, without any prompt) for a run.
 
-    With `initial_checkpoint` (HF directory, hub id or t5x checkpoint) the weights
-    come from it and must match `spec.size`'s shapes. Without, they are random
+    With `initial_checkpoint` (HF directory, hub id or t5x checkpoint) the weights and the
+    architecture come from it (`ModelSpec.resolve`). Without, the weights are random
     (tiny and pretraining runs) and saved once to `MODEL_DIR/base_model` so that a
     resumed run, eval and infer see the same weights.
     """
-    config = spec.config()
-    if initial_checkpoint:
-        return load_checkpoint(initial_checkpoint, config)
-    saved = base_model_dir(model_dir) if model_dir else None
-    if saved and os.path.isdir(saved):
-        return load_checkpoint(saved, config)
+    source = initial_checkpoint
+    if not source and model_dir and os.path.isdir(model_dir_lib.path(model_dir,
+                                                                    model_dir_lib.BASE_MODEL)):
+        source = model_dir_lib.path(model_dir, model_dir_lib.BASE_MODEL)
+    if source:
+        found, params = load_checkpoint(source)
+        config = spec.resolve(found, source)
+        params = cast_params(params, config.weight_dtype)
+        check_params(params, config, source)
+        return config, params
     from prompt_jax.t5.model import T5  # late: jax-heavy
 
+    config = spec.config()
     tokens = np.ones((1, 2), np.int32)
     params = jax.jit(lambda r: T5(config).init(r, tokens, tokens)["params"])(
         jax.random.PRNGKey(seed))
-    params = jax.tree.map(np.asarray, flax_unbox(params))
-    if saved and jax.process_index() == 0:
-        save_hf(config, params, saved)
+    params = jax.tree.map(np.asarray, flax.linen.unbox(params))
+    if model_dir and jax.process_index() == 0:
+        save_hf(config, params, model_dir_lib.path(model_dir, model_dir_lib.BASE_MODEL))
     return config, params
 
 
-def flax_unbox(tree: Any) -> Any:
-    import flax
-
-    return flax.linen.unbox(tree)
-
-
 def embedding_table(frozen: dict[str, Any]) -> np.ndarray:
-    return np.asarray(flatten(frozen)["token_embedder/embedding"], dtype=np.float32)
+    """The table the encoder embeds input tokens with (prompt initialisation and nearest
+    neighbours read it): the encoder's own when it has one, else the shared table."""
+    flat = flatten(frozen)
+    table = flat.get("encoder/token_embedder/embedding", flat["token_embedder/embedding"])
+    return np.asarray(table, dtype=np.float32)
 
 
-def known_sizes() -> list[str]:
-    return sorted(SIZES)
-
-
-def place_params(model: Any, host_params: dict[str, Any], mesh: Any) -> dict[str, Any]:
-    """Put a host parameter tree for `model` on `mesh`, sharded per the logical-axis rules
-    (each device receives only its slice)."""
+def place_params(config: T5Config, host_params: dict[str, Any], mesh: Any,
+                 prompt_length: int = 0) -> dict[str, Any]:
+    """Put a host parameter tree of `T5(config, prompt_length)` on `mesh`, sharded per the
+    logical-axis rules (each device receives only its slice)."""
     from prompt_jax import partitioning
+    from prompt_jax.t5.model import abstract_params
 
-    tokens = np.ones((1, 2), np.int32)
-    abstract = jax.eval_shape(lambda r: model.init(r, tokens, tokens)["params"],
-                              jax.random.PRNGKey(0))
+    abstract = abstract_params(config, prompt_length, boxed=True)
     return partitioning.shard_params(host_params, partitioning.params_shardings(mesh, abstract))
+
+
+# ------------------------------------------------------------------ the model and its prompts
+
+
+@dataclasses.dataclass
+class Served:
+    """A frozen model and named prompts for it (host arrays): what eval, infer and serve run."""
+
+    config: T5Config
+    frozen: dict[str, Any]
+    prompts: dict[str, np.ndarray]  # name -> [P, E] float32, in the order given
+    sources: dict[str, str]  # name -> the file each prompt came from
+
+
+def default_prompt_file(initial_checkpoint: str | None, model_dir: str | None) -> str | None:
+    """The prompt a job runs when none is named: the one inside a prompt-tuned t5x
+    INITIAL_CHECKPOINT (the reference's layout), else MODEL_DIR/best_prompt.npy."""
+    from prompt_jax.checkpoints import prompt_artifacts
+
+    if initial_checkpoint and prompt_artifacts.holds_prompt(initial_checkpoint):
+        return initial_checkpoint
+    if not model_dir:
+        return None
+    best = model_dir_lib.path(model_dir, model_dir_lib.BEST_PROMPT)
+    return best if os.path.exists(best) else None
+
+
+def load_served(spec: ModelSpec, initial_checkpoint: str | None, model_dir: str | None,
+                prompt_files: Mapping[str, str] | Sequence[str] | None, seed: int = 0
+                ) -> Served:
+    """The frozen model and its prompts, each checked against the model's d_model.
+
+    `prompt_files`: {name: path}, or paths (named `prompt_0`, ...); each any artifact
+    `checkpoints.prompt_artifacts` reads (.npy, PEFT adapter, prompt-tuned t5x checkpoint).
+    None or empty: `default_prompt_file`, or no prompt.
+    """
+    config, frozen = load_frozen(spec, initial_checkpoint, model_dir, seed)
+    if isinstance(prompt_files, Mapping):
+        named = dict(prompt_files)
+    else:
+        files = list(prompt_files or [])
+        if not files and (default := default_prompt_file(initial_checkpoint, model_dir)):
+            files = [default]
+        named = {f"prompt_{i}": f for i, f in enumerate(files)}
+    loaded = {name: load_prompt_for(path, config) for name, path in named.items()}
+    return Served(config, frozen, loaded, named)
+
+
+def load_prompt_for(path: str, config: T5Config) -> np.ndarray:
+    """A prompt artifact for a model of `config`: float32 [P, d_model], or a ValueError
+    naming the file, the expected and the found shape."""
+    from prompt_jax.checkpoints.prompt_artifacts import load_prompt_artifact
+
+    return load_prompt_artifact(path, config.d_model)
 
 
 @gin.configurable

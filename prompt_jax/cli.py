@@ -5,6 +5,8 @@
     prompt-jax eval   [--gin_file=F]... [--gin.NAME=VALUE]...
     prompt-jax infer  [--gin_file=F]... [--gin.NAME=VALUE]... [PROMPT.npy ...]
     prompt-jax inspect PROMPT.npy [--checkpoint=DIR] [--k=5]
+    prompt-jax export-peft PROMPT OUT_DIR [--base_model NAME_OR_PATH]
+    prompt-jax extract CHECKPOINT OUT.npy [--variable target/encoder/prompt/prompt/prompt]
 
 Gin files are looked up in the current directory, in `--gin_search_paths`, and in
 the configs shipped with prompt_jax (`runs/`, `models/`, `prompts/`, `decoding/`).
@@ -70,6 +72,19 @@ def _parser() -> argparse.ArgumentParser:
                                                   "vocabulary)")
     s.add_argument("--k", type=int, default=5)
     s.add_argument("--verbose", action="store_true")
+    s = sub.add_parser("export-peft", help="write a prompt as a PEFT PROMPT_TUNING adapter")
+    s.add_argument("prompt", help="a prompt artifact: .npy, PEFT adapter or prompt-tuned t5x "
+                                  "checkpoint")
+    s.add_argument("out_dir", help="the adapter directory to write")
+    s.add_argument("--base_model", default=None,
+                   help="base_model_name_or_path recorded in adapter_config.json")
+    s.add_argument("--verbose", action="store_true")
+    s = sub.add_parser("extract", help="one variable of a t5x checkpoint as a .npy file (the "
+                                       "reference's extract_variable)")
+    s.add_argument("checkpoint")
+    s.add_argument("out", help="the .npy file to write")
+    s.add_argument("--variable", default="target/encoder/prompt/prompt/prompt")
+    s.add_argument("--verbose", action="store_true")
     return p
 
 
@@ -118,7 +133,7 @@ def _prepare_libraries(verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         logging.getLogger("jax").setLevel(logging.ERROR)
         logging.getLogger("absl").setLevel(logging.ERROR)
-    with _stderr_silenced(not verbose):  # TF prints CUDA-stub lines before its logging starts
+    with stderr_silenced(not verbose):  # TF prints CUDA-stub lines before its logging starts
         import tensorflow as tf
 
         tf.config.set_visible_devices([], "GPU")
@@ -129,7 +144,7 @@ def _prepare_libraries(verbose: bool) -> None:
 
 
 @contextlib.contextmanager
-def _stderr_silenced(active: bool):
+def stderr_silenced(active: bool):
     if not active:
         yield
         return
@@ -214,6 +229,10 @@ def run(argv: Sequence[str]) -> int:
 
         print(infer.inspect_prompt(args.prompt_file, args.checkpoint, args.vocab, args.k))
         return 0
+    if args.command == "export-peft":
+        return _export_peft(args.prompt, args.out_dir, args.base_model)
+    if args.command == "extract":
+        return _extract(args.checkpoint, args.out, args.variable)
 
     parse_gin(args.command, args.gin_file, bindings, args.gin_search_paths)
     _init_distributed()
@@ -234,6 +253,34 @@ def run(argv: Sequence[str]) -> int:
     from prompt_jax import infer
 
     infer.infer(prompt_files=tuple(args.prompt_files) or None)
+    return 0
+
+
+def _export_peft(prompt_path: str, out_dir: str, base_model: str | None) -> int:
+    from prompt_jax.checkpoints.peft import save_peft
+    from prompt_jax.checkpoints.prompt_artifacts import load_prompt_artifact
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"{out_dir}: exists and is not a directory")
+    prompt = load_prompt_artifact(prompt_path)
+    save_peft(prompt, out_dir, base_model)
+    print(f"wrote a PEFT PROMPT_TUNING adapter ({prompt.shape[0]} virtual tokens x "
+          f"{prompt.shape[1]}) to {out_dir}")
+    return 0
+
+
+def _extract(checkpoint: str, out: str, variable: str) -> int:
+    import numpy as np
+
+    from prompt_jax.checkpoints.t5x import extract_variable
+    from prompt_jax.prompts import save_prompt
+
+    value = extract_variable(checkpoint, variable)
+    if value.ndim == 2:
+        save_prompt(out, value)  # atomic, float32: the released prompts' format
+    else:
+        np.save(out, np.asarray(value, np.float32), allow_pickle=False)
+    print(f"wrote {variable} {list(value.shape)} to {out}")
     return 0
 
 

@@ -1,15 +1,14 @@
-"""Evaluating a task split with the task's own metrics (seqio's Evaluator).
+"""Evaluating a task split with the task's own metrics (seqio's Evaluator), and the eval job.
 
 Predictions are greedy decodes with the KV cache; targets and postprocessing
 are the task's, exactly as seqio computes them, so the train job's validation
-metric, `prompt-jax eval` and the leaderboard-style metrics agree.
+metric, `prompt-jax eval` and the leaderboard-style metrics agree. Besides the
+task's metrics: `rank_accuracy` (rank classification over the label strings,
+`rank_classification`) and `loss` (cross-entropy per target token).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -18,12 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax import build, decoding, losses
-from prompt_jax.checkpoints.tree import PROMPT_PATH
+from prompt_jax import build, decoding, losses, partitioning, rank_classification
+from prompt_jax import model_dir as model_dir_lib
 from prompt_jax.pytree import flatten, unflatten
-from prompt_jax.t5.model import T5
-
-log = logging.getLogger(__name__)
+from prompt_jax.t5.model import PROMPT_PATH, T5
 
 
 def batches(ds, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], int]]:
@@ -42,29 +39,39 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 class TaskEvaluator:
-    """Evaluates one task or mixture split; build once, call `evaluate(params)` per eval."""
+    """Evaluates one task or mixture split; build once, call `evaluate(params)` per eval.
+
+    `params` is the whole tree as the model names it, placed as the rules say
+    (`build.place_params`; in training `optim.merge_params(state.trainable, frozen)`, which
+    copies nothing). Batches go on `mesh` with their rows on the `data` axis: each device
+    decodes and scores only its rows. Inputs are evaluated whole unless
+    `truncate_inputs` (the reference's infer-eval computes the length a split needs;
+    `TASK_FEATURE_LENGTHS['inputs']` is the training budget).
+    """
 
     def __init__(self, model: T5, mixture_or_task_name: str, split: str,
-                 feature_lengths: dict[str, int], batch_size: int,
-                 max_decode_length: int | None = None, num_examples: int | None = None,
-                 shard_batch: Callable[[dict[str, np.ndarray]], Any] | None = None):
+                 feature_lengths: dict[str, int], batch_size: int, *, mesh: Any = None,
+                 num_examples: int | None = None, truncate_inputs: bool = False):
         import seqio
 
         from prompt_jax import data  # tf/seqio, and registers the tasks
 
         self.model = model
         self.batch_size = batch_size
-        self.max_decode_length = max_decode_length or feature_lengths["targets"]
-        self.shard_batch = shard_batch or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
-        lengths = {"inputs": data.encoder_length(feature_lengths, model.prompt_length),
-                   "targets": feature_lengths["targets"]}
+        self.mesh = mesh
+        if mesh is not None:
+            partitioning.check_batch_size(batch_size, mesh.shape["data"], "eval batch size")
+        lengths = data.check_lengths(feature_lengths)
+        self.stats = data.length_stats(mixture_or_task_name, split, lengths, num_examples)
+        if not truncate_inputs and self.stats.total:  # pretraining tasks size their own
+            lengths["inputs"] = self.stats.longest_inputs
+        self.lengths = lengths
         provider = seqio.get_mixture_or_task(mixture_or_task_name)
         tasks = [t for t in getattr(provider, "tasks", [provider]) if split in t.splits]
         if not tasks:
             raise ValueError(f"{mixture_or_task_name}: no task has a {split!r} split")
-        with_metrics = seqio.evaluation.get_valid_eval_tasks(tasks, split)
         self.evaluator = None
-        if with_metrics:
+        if seqio.evaluation.get_valid_eval_tasks(tasks, split):
             self.evaluator = seqio.Evaluator(
                 mixture_or_task_name=mixture_or_task_name,
                 feature_converter=seqio.EncDecFeatureConverter(pack=False),
@@ -76,75 +83,59 @@ class TaskEvaluator:
                                   else {})
         for task in tasks:
             if task.name not in self.loss_datasets:
-                ds = data.get_dataset(task.name, split, feature_lengths, model.prompt_length,
-                                      shuffle=False, seed=0, num_epochs=1)
+                ds = data.get_dataset(task.name, split, lengths, shuffle=False, seed=0,
+                                      num_epochs=1)
                 if num_examples:
                     ds = ds.take(num_examples)
                 self.loss_datasets[task.name] = ds.cache().enumerate()
-        self._score = None
-        self._rank = None
-        self.candidates = {t.name: c for t in tasks
-                           if (c := _label_candidates(t, feature_lengths["targets"])) is not None}
+        self.ranked = {}  # task -> (candidate targets [C, L], {example index: gold label})
+        cached = self.evaluator.cached_task_datasets if self.evaluator else {}
+        for task in tasks:
+            found = rank_classification.candidates(task.name, lengths["targets"])
+            if found is not None and task.name in cached:
+                gold = rank_classification.gold_labels(cached[task.name].as_numpy_iterator(),
+                                                       found.labels)
+                if gold:
+                    self.ranked[task.name] = (found.tokens, gold)
+        self._log_likelihood = jax.jit(self._log_likelihood_of)
+
+    def _place(self, tokens: np.ndarray) -> Any:
+        if self.mesh is None:
+            return jnp.asarray(tokens)
+        return partitioning.whole_batch({"x": tokens}, self.mesh)["x"]
+
+    def _log_likelihood_of(self, params: Any, batch: dict[str, Any]) -> Any:
+        logits = self.model.apply({"params": params}, batch["encoder_input_tokens"],
+                                  batch["decoder_input_tokens"], batch["decoder_target_tokens"])
+        return losses.per_example_log_likelihood(logits, batch["decoder_target_tokens"],
+                                                 losses.loss_weights(batch))
 
     def predict_fn(self, params: Any) -> Callable:
         def predict(ds):
             out = []
             for index, features, n in batches(ds, self.batch_size):
-                batch = self.shard_batch({"encoder_input_tokens":
-                                          features["encoder_input_tokens"]})
-                tokens, _ = decoding.greedy_decode(self.model, params,
-                                                   batch["encoder_input_tokens"],
-                                                   self.max_decode_length)
-                tokens = np.asarray(jax.device_get(tokens))
-                for i in range(n):
-                    # Fixed length (seqio stacks them); vocab.decode stops at EOS.
-                    out.append((int(index[i]), [int(t) for t in tokens[i]]))
+                decoded, _ = decoding.greedy_decode(
+                    self.model, params, self._place(features["encoder_input_tokens"]),
+                    self.lengths["targets"])
+                decoded = np.asarray(jax.device_get(decoded))
+                # Fixed length (seqio stacks them); vocab.decode stops at EOS.
+                out.extend((int(index[i]), [int(t) for t in decoded[i]]) for i in range(n))
             return out
 
         return predict
-
-    def _log_likelihood_fn(self) -> Callable:
-        if self._score is None:
-            def score(p, b):
-                logits = self.model.apply({"params": p}, b["encoder_input_tokens"],
-                                          b["decoder_input_tokens"], b["decoder_target_tokens"])
-                weights = (b["decoder_target_tokens"] > 0).astype(jnp.float32)
-                return losses.per_example_log_likelihood(logits, b["decoder_target_tokens"],
-                                                         weights)
-
-            self._score = jax.jit(score)
-        return self._score
-
-    def score_fn(self, params: Any) -> Callable:
-        score = self._log_likelihood_fn()
-
-        def scores(ds):
-            out = []
-            for index, features, n in batches(ds, self.batch_size):
-                s = np.asarray(jax.device_get(score(params, self.shard_batch(_teacher(features)))))
-                out.extend((int(index[i]), float(s[i])) for i in range(n))
-            return out
-
-        return scores
 
     def rank_accuracy(self, params: Any) -> dict[str, float]:
         """Rank classification, per classification task: every label string scored by its
         log-likelihood in one batched pass, the argmax compared with the gold label."""
         from prompt_jax import serving
 
-        if self._rank is None:
-            self._rank = jax.jit(lambda p, enc, cand: serving.score_targets(self.model, p, enc,
-                                                                            cand))
         out = {}
-        for task, (candidates, labels) in self.candidates.items():
-            ds = self.loss_datasets.get(task)
-            gold = _gold_labels(self.evaluator, task, labels) if ds is not None else None
-            if not gold:
-                continue
+        for task, (candidates, gold) in self.ranked.items():
             correct = total = 0
-            for index, features, n in batches(ds, self.batch_size):
-                enc = self.shard_batch({"e": features["encoder_input_tokens"]})["e"]
-                scores = np.asarray(jax.device_get(self._rank(params, enc, candidates)))
+            for index, features, n in batches(self.loss_datasets[task], self.batch_size):
+                scores = np.asarray(jax.device_get(serving.score_targets(
+                    self.model, params, self._place(features["encoder_input_tokens"]),
+                    candidates)))
                 for i in range(n):
                     if int(index[i]) in gold:
                         correct += int(np.argmax(scores[i]) == gold[int(index[i])])
@@ -155,25 +146,24 @@ class TaskEvaluator:
 
     def token_loss(self, params: Any) -> dict[str, float]:
         """Teacher-forced cross-entropy per target token, per task: {task: loss}."""
-        score = self._log_likelihood_fn()
         out = {}
         for task, ds in self.loss_datasets.items():
             total, tokens = 0.0, 0
             for _, features, n in batches(ds, self.batch_size):
-                ll = np.asarray(jax.device_get(score(params, self.shard_batch(_teacher(features)))))
+                batch = {k: self._place(features[k]) for k in _TEACHER_FORCED}
+                ll = np.asarray(jax.device_get(self._log_likelihood(params, batch)))
                 total += float(ll[:n].sum())
                 tokens += int((features["decoder_target_tokens"][:n] > 0).sum())
             out[task] = -total / max(tokens, 1)
         return out
 
     def evaluate(self, params: Any, step: int | None = None) -> dict[str, dict[str, float]]:
-        """-> {task_name: {metric: value}}: the task's metrics and `loss`, the validation
-        cross-entropy per target token."""
+        """-> {task_name: {metric: value}}: the task's metrics, `rank_accuracy` for
+        classification tasks, and `loss`, the validation cross-entropy per target token."""
         results = {}
         if self.evaluator is not None:
             future, _ = self.evaluator.evaluate(compute_metrics=True, step=step,
-                                                predict_fn=self.predict_fn(params),
-                                                score_fn=self.score_fn(params))
+                                                predict_fn=self.predict_fn(params))
             results = {task: {k: _scalar(v) for k, v in metrics.items()}
                        for task, metrics in future.result().items()}
         for task, value in self.rank_accuracy(params).items():
@@ -183,48 +173,7 @@ class TaskEvaluator:
         return results
 
 
-def _label_candidates(task: Any, length: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
-    """The tokenized label strings of a classification task as targets [C, length], or None."""
-    from prompt_jax import tasks
-    from prompt_jax.tasks import benchmarks
-
-    try:
-        labels = tasks.class_labels(task.name)
-    except ValueError:  # a task registered outside prompt_jax
-        return None
-    if not labels:
-        return None
-    vocab = task.output_features["targets"].vocabulary
-    prefix = [vocab.vocab_size - 1] if task.name.endswith(benchmarks.SENTINEL_SUFFIX) else []
-    rows = [prefix + list(vocab.encode(label)) + [decoding.EOS_ID] for label in labels]
-    if max(map(len, rows)) > length:
-        return None
-    out = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out, tuple(labels)
-
-
-def _gold_labels(evaluator: Any, task: str, labels: tuple[str, ...]) -> dict[int, int]:
-    """{example index: label index} from the cached task dataset's target strings."""
-    from prompt_jax.tasks import benchmarks
-
-    if evaluator is None or task not in evaluator.cached_task_datasets:
-        return {}
-    gold = {}
-    for i, ex in enumerate(evaluator.cached_task_datasets[task].as_numpy_iterator()):
-        text = ex.get("targets_pretokenized", b"")
-        text = text.decode() if isinstance(text, bytes) else str(text)
-        text = text.removeprefix("<extra_id_0>").strip() if task.endswith(
-            benchmarks.SENTINEL_SUFFIX) else text
-        if text in labels:
-            gold[i] = labels.index(text)
-    return gold
-
-
-def _teacher(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
-    return {k: features[k] for k in keys}
+_TEACHER_FORCED = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
 
 
 def trim_at_eos(tokens: np.ndarray, eos_id: int = decoding.EOS_ID) -> list[int]:
@@ -242,11 +191,20 @@ def _scalar(value: Any) -> float:
     return float(np.asarray(value))
 
 
+def is_loss(name: str) -> bool:
+    """Whether a (flat) metric name is a loss, where lower is better."""
+    return name == "loss" or name.endswith("/loss")
+
+
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """{task: {m: v}} -> {m: v} for one task, {'task/m': v} for a mixture."""
     if len(results) == 1:
         return dict(next(iter(results.values())))
     return {f"{task}/{m}": v for task, metrics in results.items() for m, v in metrics.items()}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
 @gin.configurable(denylist=[])
@@ -255,42 +213,37 @@ def evaluate(*, mixture_or_task_name: str = gin.REQUIRED,
              model: build.ModelSpec = build.ModelSpec(), initial_checkpoint: str | None = None,
              prompt_file: str | None = None, model_dir: str | None = None,
              split: str = "validation", batch_size: int = 32, eval_examples: int | None = None,
-             mesh_shape: Sequence[int] = (-1, 1), seed: int = 0) -> dict[str, dict[str, float]]:
-    """The eval job: a base checkpoint + a prompt file, one task split, its metrics.
+             truncate_inputs: bool = False, mesh_shape: Sequence[int] = (-1, 1),
+             seed: int = 0) -> dict[str, dict[str, float]]:
+    """The eval job: a frozen model + a prompt, one task split, its metrics.
 
-    `prompt_file` defaults to MODEL_DIR/best_prompt.npy; a run that started from random
-    weights keeps them in MODEL_DIR/base_model, which is used when `initial_checkpoint`
-    is None. Prints the metrics and, with a MODEL_DIR, writes `eval_<split>.json` there.
+    The model and the prompt come from `build.load_served` (`prompt_file`, by default
+    MODEL_DIR/best_prompt.npy; a run that started from random weights keeps them in
+    MODEL_DIR/base_model). Prints the metrics and, with a MODEL_DIR, writes
+    `eval_<split>.json` there.
     """
-    from prompt_jax import data, partitioning, prompts
+    from prompt_jax import data
 
     data.check_name(mixture_or_task_name)
-    if prompt_file is None and model_dir:
-        candidate = os.path.join(model_dir, "best_prompt.npy")
-        prompt_file = candidate if os.path.exists(candidate) else None
     mesh = partitioning.make_mesh(mesh_shape)
-    config, frozen = build.load_frozen(model, initial_checkpoint, model_dir, seed)
-    flat = dict(flatten(frozen))
+    served = build.load_served(model, initial_checkpoint, model_dir,
+                               [prompt_file] if prompt_file else None, seed)
+    flat = dict(flatten(served.frozen))
     prompt_length = 0
-    if prompt_file:
-        prompt = prompts.load_prompt(prompt_file)
-        if prompt.shape[1] != config.d_model:
-            raise ValueError(f"{prompt_file}: prompt has shape {prompt.shape}, expected "
-                             f"[P, {config.d_model}] (d_model of the frozen model)")
+    for name, prompt in served.prompts.items():  # at most one
         flat[PROMPT_PATH] = prompt
-        prompt_length = prompt.shape[0]
-    t5 = T5(config, prompt_length=prompt_length)
-    params = build.place_params(t5, unflatten(flat), mesh)
-    evaluator = TaskEvaluator(t5, mixture_or_task_name, split, task_feature_lengths,
-                              batch_size, num_examples=eval_examples,
-                              shard_batch=lambda b: partitioning.replicated_batch(b, mesh))
+        prompt_length, prompt_file = prompt.shape[0], served.sources[name]
+    params = build.place_params(served.config, unflatten(flat), mesh, prompt_length)
+    evaluator = TaskEvaluator(T5(served.config, prompt_length=prompt_length),
+                              mixture_or_task_name, split, task_feature_lengths, batch_size,
+                              mesh=mesh, num_examples=eval_examples,
+                              truncate_inputs=truncate_inputs)
     results = evaluator.evaluate(params)
     metrics = flat_metrics(results)
     print(f"{mixture_or_task_name} {split}"
           + (f" with {prompt_file}" if prompt_file else " (no prompt)") + ": "
-          + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+          + format_metrics(metrics), flush=True)
     if model_dir and jax.process_index() == 0:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, f"eval_{split}.json"), "w") as f:
-            json.dump({"prompt_file": prompt_file, "metrics": metrics}, f, indent=1)
+        model_dir_lib.write_json(model_dir_lib.eval_results(model_dir, split),
+                                 {"prompt_file": prompt_file, "metrics": metrics})
     return results

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prompt_jax import build, decoding, partitioning, prompts, serving
-from prompt_jax.pytree import flatten
+from prompt_jax import model_dir as model_dir_lib
 from prompt_jax.t5.model import T5
 
 
@@ -62,104 +62,102 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
           decoding_spec: DecodingSpec = DecodingSpec(),
           mesh_shape: Sequence[int] = (-1, 1), seed: int = 0) -> list[dict[str, Any]]:
     """Write predictions (see the module docstring); returns the records written."""
-    from prompt_jax import tasks
+    from prompt_jax import data, tasks
 
-    prompt_files = list(prompt_files or ([prompt_file] if prompt_file else []))
-    if not prompt_files and not prompt_files_by_task and model_dir:
-        best = os.path.join(model_dir, "best_prompt.npy")
-        if os.path.exists(best):
-            prompt_files = [best]
-    output_file = output_file or (os.path.join(model_dir, "predictions.jsonl") if model_dir
-                                  else None)
+    output_file = output_file or (model_dir_lib.path(model_dir, model_dir_lib.PREDICTIONS)
+                                  if model_dir else None)
     if not output_file:
         raise ValueError("infer: set OUTPUT_FILE (or MODEL_DIR) for the predictions")
-
+    budget = data.check_lengths(task_feature_lengths)["inputs"]
     mesh = partitioning.make_mesh(mesh_shape)
-    config, frozen = build.load_frozen(model, initial_checkpoint, model_dir, seed)
-    t5 = T5(config)
-    params = build.place_params(t5, frozen, mesh)
+    partitioning.check_batch_size(batch_size, mesh.shape["data"])
+    by_task = dict(prompt_files_by_task or {})
+    served = build.load_served(
+        model, initial_checkpoint, model_dir,
+        by_task or list(prompt_files or ([prompt_file] if prompt_file else [])), seed)
+    params = build.place_params(served.config, served.frozen, mesh)
     vocab = tasks.get_vocabulary()
 
-    # Prompts: one, an ensemble, or one per task.
-    by_task = dict(prompt_files_by_task or {})
-    names = list(by_task) if by_task else [f"prompt_{i}" for i in range(len(prompt_files))]
-    files = list(by_task.values()) if by_task else prompt_files
-    loaded = [prompts.load_prompt(f) for f in files]
-    for f, p in zip(files, loaded, strict=True):
-        if p.shape[1] != config.d_model:
-            raise ValueError(f"{f}: prompt has shape {p.shape}, expected [P, {config.d_model}] "
-                             "(d_model of the frozen model)")
-    packed, packed_mask = serving.pack_prompts(loaded) if loaded else (None, None)
-    prompt_len = packed.shape[1] if loaded else 0
-    budget = task_feature_lengths["inputs"] - prompt_len
-    if budget <= 0:
-        raise ValueError(f"prompts of length {prompt_len} leave no room for inputs in "
-                         f"TASK_FEATURE_LENGTHS['inputs']={task_feature_lengths['inputs']}")
-
-    if input_file:
-        examples = list(read_inputs(input_file, vocab))
-    elif mixture_or_task_name:
-        from prompt_jax import data
-
-        data.check_name(mixture_or_task_name)
-        examples = list(task_examples(mixture_or_task_name, split, budget))
-    else:
-        raise ValueError("infer: set INPUT_FILE or MIXTURE_OR_TASK_NAME")
-    examples = examples[:max_examples] if max_examples else examples
-    if not examples:
-        raise ValueError(f"infer: no examples in {input_file or mixture_or_task_name}")
+    examples = _read_examples(input_file, mixture_or_task_name, split, vocab, max_examples)
     truncated = sum(len(e.ids) > budget for e in examples)
     if truncated:
         print(f"{truncated} of {len(examples)} inputs truncated to {budget} tokens "
-              f"(TASK_FEATURE_LENGTHS['inputs'] - prompt length)", flush=True)
-
+              "(TASK_FEATURE_LENGTHS['inputs'])", flush=True)
     if by_task:
         unknown = sorted({e.task for e in examples} - set(by_task))
         if unknown:
             raise ValueError(f"{input_file}: examples of task(s) {unknown} have no prompt in "
                              f"infer.prompt_files_by_task (has {sorted(by_task)})")
-        row_prompt = np.array([names.index(e.task) for e in examples], np.int32)
-    else:
-        row_prompt = np.zeros(len(examples), np.int32)
-
+    predict = _ensemble_predictions if len(served.prompts) > 1 and not by_task \
+        else _predictions
     max_len = decoding_spec.max_decode_length or task_feature_lengths["targets"]
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        tokens = _pad_ids([e.ids for e in chunk], budget, batch_size)
-        batch = partitioning.replicated_batch({"tokens": tokens}, mesh)["tokens"]
-        if len(loaded) > 1 and not by_task:  # an ensemble: every prompt, one pass
-            out, scores = serving.ensemble_greedy_decode(t5, params, batch, jnp.asarray(packed),
-                                                         max_len, jnp.asarray(packed_mask))
-            out, scores = np.asarray(out), np.asarray(scores)
-            voted, votes = serving.majority_vote(out)
-            for i, e in enumerate(chunk):
-                records.append(_record(e, vocab, voted[i], None, {
-                    "predictions": {n: _text(vocab, out[i, j]) for j, n in enumerate(names)},
-                    "scores": {n: float(scores[i, j]) for j, n in enumerate(names)},
-                    "votes": int(votes[i])}))
-            continue
-        prefix = mask = None
-        if loaded:
-            idx = np.zeros(batch_size, np.int32)
-            idx[:len(chunk)] = row_prompt[start:start + len(chunk)]
-            prefix, mask = serving.mixed_batch_prefix(packed, packed_mask, idx)
-        out, scores = _decode(t5, params, batch, max_len, prefix, mask, decoding_spec)
-        for i, e in enumerate(chunk):
-            records.append(_record(e, vocab, out[i], float(scores[i])))
-
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-        with open(output_file, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(records)} predictions to {output_file}", flush=True)
+        tokens = partitioning.whole_batch({"x": _pad_ids([e.ids for e in chunk], budget,
+                                                        batch_size)}, mesh)["x"]
+        records += predict(T5(served.config), params, tokens, chunk, served.prompts,
+                           max_len, decoding_spec, vocab)
+    _write_records(output_file, records)
     if mixture_or_task_name and not input_file:
         metrics = task_metrics(mixture_or_task_name, examples, records)
         if metrics:
             print(f"{mixture_or_task_name} {split}: "
                   + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     return records
+
+
+def _read_examples(input_file, task_name, split, vocab, max_examples) -> list[Example]:
+    if input_file:
+        examples = list(read_inputs(input_file, vocab))
+    elif task_name:
+        from prompt_jax import data
+
+        data.check_name(task_name)
+        examples = list(task_examples(task_name, split))
+    else:
+        raise ValueError("infer: set INPUT_FILE or MIXTURE_OR_TASK_NAME")
+    examples = examples[:max_examples] if max_examples else examples
+    if not examples:
+        raise ValueError(f"infer: no examples in {input_file or task_name}")
+    return examples
+
+
+def _predictions(model, params, tokens, chunk, prompts_by_name, max_len, spec, vocab):
+    """One prompt for every row, or each row the prompt of its task (a mixed-task batch)."""
+    prefix = mask = None
+    if prompts_by_name:
+        names = list(prompts_by_name)
+        packed, packed_mask = serving.pack_prompts(list(prompts_by_name.values()))
+        index = np.zeros(tokens.shape[0], np.int32)
+        if len(names) > 1:  # by task
+            index[:len(chunk)] = [names.index(e.task) for e in chunk]
+        prefix, mask = serving.mixed_batch_prefix(packed, packed_mask, index)
+    out, scores = _decode(model, params, tokens, max_len, prefix, mask, spec)
+    return [_record(e, vocab, out[i], float(scores[i])) for i, e in enumerate(chunk)]
+
+
+def _ensemble_predictions(model, params, tokens, chunk, prompts_by_name, max_len, spec, vocab):
+    """Every prompt on every row in one pass; the prediction is their majority vote."""
+    names = list(prompts_by_name)
+    packed, packed_mask = serving.pack_prompts(list(prompts_by_name.values()))
+    out, scores = serving.ensemble_greedy_decode(model, params, tokens, jnp.asarray(packed),
+                                                 max_len, jnp.asarray(packed_mask))
+    out, scores = np.asarray(out), np.asarray(scores)
+    voted, votes = serving.majority_vote(out)
+    return [_record(e, vocab, voted[i], None, {
+        "predictions": {n: _text(vocab, out[i, j]) for j, n in enumerate(names)},
+        "scores": {n: float(scores[i, j]) for j, n in enumerate(names)},
+        "votes": int(votes[i])}) for i, e in enumerate(chunk)]
+
+
+def _write_records(output_file: str, records: list[dict[str, Any]]) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+        with open(output_file, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(records)} predictions to {output_file}", flush=True)
 
 
 def _decode(model, params, tokens, max_len, prefix, mask, spec: DecodingSpec):
@@ -224,7 +222,7 @@ def read_inputs(path: str, vocab) -> Iterator[Example]:
                           obj.get("targets"), obj.get("task"))
 
 
-def task_examples(name: str, split: str, budget: int) -> Iterator[Example]:
+def task_examples(name: str, split: str) -> Iterator[Example]:
     """A task split's examples (preprocessed as the task does), in order."""
     import seqio
 
@@ -275,7 +273,7 @@ def inspect_prompt(prompt_file: str, checkpoint: str | None, vocab_path: str | N
         raise ValueError("inspect: pass --checkpoint (the frozen model the prompt was trained "
                          "with; its embedding table defines the neighbours)")
     _, params = load_checkpoint(checkpoint)
-    embedding = np.asarray(flatten(params)["token_embedder/embedding"], np.float32)
+    embedding = build.embedding_table(params)
     if prompt.shape[1] != embedding.shape[1]:
         raise ValueError(f"{prompt_file}: prompt has shape {prompt.shape}, expected "
                          f"[P, {embedding.shape[1]}] to match {checkpoint}")

@@ -1,8 +1,9 @@
 """Run logs: `metrics.jsonl`, TensorBoard scalars and the progress bar.
 
 Every line of `metrics.jsonl` is one JSON object with at least `step`; train
-lines carry `loss`, eval lines carry `split` and the task's metric names. Only
-process 0 writes.
+lines carry `loss` (cross-entropy per target token) and `objective` (the summed loss
+that is differentiated), eval lines carry `split`, `loss` and the task's metric names.
+Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ class RunLog:
     """Appends to `MODEL_DIR/metrics.jsonl` and TensorBoard (`MODEL_DIR/tb/<split>`)."""
 
     def __init__(self, model_dir: str):
-        self.path = os.path.join(model_dir, "metrics.jsonl")
-        self.tb_dir = os.path.join(model_dir, "tb")
+        from prompt_jax import model_dir as layout
+
+        self.path = layout.path(model_dir, layout.METRICS)
+        self.tb_dir = layout.path(model_dir, layout.TENSORBOARD)
         self._writers: dict[str, Any] = {}
         self.primary = is_primary()
 

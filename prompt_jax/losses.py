@@ -81,6 +81,14 @@ def cross_entropy_with_logits(
     return total, {"z_loss": total_z, "num_tokens": num_tokens, "accuracy": accuracy}
 
 
+def loss_weights(batch: dict[str, Array]) -> Array:
+    """[B, L] float32 weights of a batch's target tokens: `decoder_loss_weights` when the
+    batch has them, else 1 on every non-padding target (T5: `targets > 0`)."""
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"].astype(jnp.float32)
+    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
 def per_example_log_likelihood(logits: Array, targets: Array, weights: Array) -> Array:
     """[B] Σ_l weights · log p(targets[b, l]) — t5x's `score_batch` (no z-loss, no smoothing).
 

@@ -48,12 +48,13 @@ from prompt_jax.partitioning import (
     LOGICAL_AXIS_RULES,
     MESH_AXES,
     Rules,
+    check_batch_size,
     logical_to_spec,
     opt_state_specs,
     params_specs,
 )
 from prompt_jax.t5.config import T5Config
-from prompt_jax.t5.model import T5
+from prompt_jax.t5.model import abstract_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,20 +128,16 @@ def memory_report(config: T5Config, mesh_shape: tuple[int, int], *, prompt_lengt
                   rules: Rules = LOGICAL_AXIS_RULES) -> Report:
     """Per-device memory of training `T5(config, prompt_length)` on a `mesh_shape` mesh.
 
-    `input_length` counts the tokens only; the encoder sees `prompt_length + input_length`.
+    `input_length` counts the text tokens only (TASK_FEATURE_LENGTHS['inputs']); the encoder
+    sees `prompt_length + input_length`.
     `tx` defaults to `optim.adafactor()`. Needs no devices of that mesh.
     """
     if len(mesh_shape) != 2 or any(int(s) < 1 for s in mesh_shape):
         raise ValueError(f"mesh {tuple(mesh_shape)}: a dry run needs two positive sizes "
                          "(data, model)")
     axis_sizes = dict(zip(MESH_AXES, (int(s) for s in mesh_shape), strict=True))
-    if batch_size % axis_sizes["data"]:
-        raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel "
-                         f"size {axis_sizes['data']} (mesh {tuple(mesh_shape)})")
-    model = T5(config, prompt_length=prompt_length)
-    tokens = jnp.ones((1, 2), jnp.int32)
-    boxed = jax.eval_shape(lambda r: model.init(r, tokens, tokens), jax.random.PRNGKey(0))
-    boxed = boxed["params"]
+    check_batch_size(batch_size, axis_sizes["data"], "batch size")
+    boxed = abstract_params(config, prompt_length, boxed=True)
     specs = params_specs(boxed, axis_sizes, rules)
     abstract = nn.unbox(boxed)
     trainable, frozen = optim.split_params(abstract, trainable_regexes)
@@ -177,7 +174,7 @@ def memory_report(config: T5Config, mesh_shape: tuple[int, int], *, prompt_lengt
                   act_entry, settings)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -201,7 +198,7 @@ def format_report(report: Report) -> str:
             ("optimizer state", report.optimizer_state),
             ("activations (estimate)", report.activations)]
     for name, e in rows:
-        lines.append(f"{name:<28}{e.count:>16,}{_human(e.global_bytes):>14}"
-                     f"{_human(e.device_bytes):>14}")
-    lines.append(f"{'total per device':<28}{'':>16}{'':>14}{_human(report.device_bytes):>14}")
+        lines.append(f"{name:<28}{e.count:>16,}{human_bytes(e.global_bytes):>14}"
+                     f"{human_bytes(e.device_bytes):>14}")
+    lines.append(f"{'total per device':<28}{'':>16}{'':>14}{human_bytes(report.device_bytes):>14}")
     return "\n".join(lines)

@@ -155,6 +155,23 @@ def merge_params(trainable: Any, frozen: Any) -> dict[str, Any]:
     return unflatten({**flat_f, **flat_t})
 
 
+def checkpoint_step_offset(checkpoint: str | None = None) -> int:
+    """`adafactor.step_offset` as the reference runs it: minus the step of the frozen t5x
+    checkpoint (1,100,000 for T5 1.1 lm100k), so that Adafactor's β2 continues from the
+    pretraining run's step count instead of restarting at 0.
+
+        adafactor.step_offset = @checkpoint_step_offset()
+        checkpoint_step_offset.checkpoint = %INITIAL_CHECKPOINT
+    """
+    from prompt_jax.checkpoints.t5x import checkpoint_step, is_t5x_checkpoint, latest_step_dir
+
+    if not checkpoint or not (is_t5x_checkpoint(checkpoint) or latest_step_dir(checkpoint)):
+        raise ValueError(f"checkpoint_step_offset: {checkpoint!r} is not a t5x checkpoint, "
+                         "whose step it reads; a Hugging Face directory records no step: set "
+                         "adafactor.step_offset = -STEP (e.g. -1100000 for T5 1.1 lm100k)")
+    return -checkpoint_step(checkpoint)
+
+
 def rsqrt_schedule(base: float = 1.0, warmup_steps: int = 10_000) -> optax.Schedule:
     """T5's pretraining learning rate: base / sqrt(max(step, warmup_steps)) (0.01 for the first
     10,000 steps with the defaults)."""

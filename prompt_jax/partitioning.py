@@ -7,7 +7,7 @@ maps the names to mesh axes; parameter, optimizer-state and batch shardings all 
     mesh = make_mesh((-1, 1))                                    # all devices on `data`
     abstract = jax.eval_shape(model.init, rng, tokens, tokens)["params"]
     shardings = params_shardings(mesh, abstract)                 # NamedSharding per leaf
-    params = shard_params(host_params, shardings)                # or init_sharded(...)
+    params = shard_params(host_params, shardings)
     step = sharded_jit(train_step, mesh, in_shardings=..., out_shardings=...)
     state, metrics = step(state, frozen, global_batch(local_batch, mesh))
 
@@ -18,23 +18,21 @@ dropped. `sharded_jit` enters `use_abstract_mesh(mesh.abstract_mesh)` and
 `nn.logical_axis_rules(rules)` *inside* the traced function, so every trace carries the
 constraints whatever context the caller is in (rules are flax thread-local state, not part
 of jit's cache key, so entering them around the call is not enough on a cache hit).
-`activation_context(mesh)` is the equivalent for code outside `sharded_jit`
-(`jax.set_mesh` + rules).
 
 Multi-host: `initialize_distributed()` first; `data_shard(mesh)` says which shard of the
 data this process reads (seqio's `ShardInfo(index, num_shards)`); `global_batch` assembles
-the per-process batches into global arrays.
+the per-process batches into global arrays; `whole_batch` places a batch every process holds
+whole (eval, infer) the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -69,26 +67,35 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- meshes
 
 
-def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices: Sequence[Any] | None = None) -> Mesh:
-    """A `('data', 'model')` mesh over `devices` (default: all devices of all processes).
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int]:
+    """`(data, model)` with a -1 entry replaced by what the other leaves of `num_devices`.
 
-    One entry may be -1: it takes whatever the other leaves. Raises ValueError when the
-    shape does not use exactly the devices at hand.
+    Raises ValueError for a malformed shape or one that cannot split the devices evenly.
     """
     shape = tuple(mesh_shape)
     if len(shape) != 2 or not all(isinstance(s, (int, np.integer)) for s in shape):
         raise ValueError(f"MESH_SHAPE must be two integers (data, model), got {mesh_shape!r}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"mesh {shape}: sizes must be positive, with at most one -1")
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
-        if n % known:
+        if num_devices % known:
             name = MESH_AXES[shape.index(-1) ^ 1]
-            raise ValueError(f"mesh {shape}: {n} devices cannot be split evenly into "
+            raise ValueError(f"mesh {shape}: {num_devices} devices cannot be split evenly into "
                              f"{name}={known}")
-        shape = tuple(n // known if s == -1 else s for s in shape)
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    return int(shape[0]), int(shape[1])
+
+
+def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+    """A `('data', 'model')` mesh over `devices` (default: all devices of all processes).
+
+    One entry may be -1: it takes whatever the other leaves. Raises ValueError when the
+    shape does not use exactly the devices at hand.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    shape = resolve_mesh_shape(mesh_shape, n)
     needed = math.prod(shape)
     if needed > n:
         raise ValueError(f"mesh {shape} needs {needed} devices, {n} available")
@@ -96,6 +103,13 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices: Sequence[Any] | None
         raise ValueError(f"mesh {shape} uses {needed} of the {n} available devices; use -1 "
                          f"for one axis (e.g. (-1, {shape[1]})) or a shape whose product is {n}")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def check_batch_size(batch_size: int, data_parallel: int, what: str = "BATCH_SIZE") -> None:
+    """A batch must split evenly over the data-parallel devices."""
+    if batch_size % data_parallel:
+        raise ValueError(f"{what}={batch_size} is not divisible by the data-parallel size "
+                         f"{data_parallel} (MESH_SHAPE's first entry)")
 
 
 # ------------------------------------------------------------- logical -> mesh specs
@@ -301,11 +315,19 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
     return out
 
 
-def replicated_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A batch every process holds whole (e.g. an eval batch) -> arrays replicated on `mesh`."""
-    sharding = NamedSharding(mesh, P())
-    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(x), np.shape(x))
-            for name, x in batch.items()}
+def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh,
+                rules: Rules = LOGICAL_AXIS_RULES) -> dict[str, jax.Array]:
+    """A batch every process holds whole (an eval or infer batch) -> global arrays with the
+    batch dimension on `data`, as `global_batch` places a train batch: each device receives
+    only its rows. The batch size must divide by the data-parallel size."""
+    sharding = batch_sharding(mesh, rules)
+    data_size = math.prod(mesh.shape[a] for a in _mesh_axes(sharding))
+    out = {}
+    for name, x in batch.items():
+        x = np.asarray(x)
+        check_batch_size(x.shape[0], data_size, f"batch of {name!r}")
+        out[name] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+    return out
 
 
 # ----------------------------------------------------------------- placing params
@@ -327,30 +349,7 @@ def shard_params(host_params: Any, shardings: Any, dtype: Any = None) -> Any:
     return jax.tree.map(place, host_params, shardings)
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
-                 rules: Rules = LOGICAL_AXIS_RULES) -> tuple[Any, Any]:
-    """Run `init_fn(*args)` (returning boxed params, e.g. `model.init(...)["params"]`)
-    so that each device computes only its own shard. -> (params, their NamedShardings).
-
-    The initializers must be traceable (jax.random, not numpy on the key).
-    """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = params_shardings(mesh, abstract, rules)
-    unboxed = lambda *a: nn.unbox(init_fn(*a))
-    replicated = NamedSharding(mesh, P())
-    params = sharded_jit(unboxed, mesh, in_shardings=replicated, out_shardings=shardings,
-                         rules=rules)(*args)
-    return params, shardings
-
-
 # --------------------------------------------------------------- activations, jit
-
-
-@contextlib.contextmanager
-def activation_context(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Iterator[None]:
-    """Activate the model's `nn.with_logical_constraint`s (outside `sharded_jit`)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        yield
 
 
 def sharded_jit(fn: Callable[..., Any], mesh: Mesh, in_shardings: Any, out_shardings: Any,

@@ -5,6 +5,7 @@ and close over what they need (the frozen embedding table, a vocabulary) as plai
 arguments:
 
 - `random_uniform(scale)`: uniform in [-scale, scale] (the paper's ablation; 0.5);
+- `reference_uniform(scale)`: uniform in [0, scale), what the reference code draws;
 - `sampled_vocab(embedding, population_size)`: rows of the embedding table, ids drawn
   without replacement among the first N (5,000: SentencePiece ids are ordered by
   frequency), with replacement only when P > N;
@@ -15,7 +16,9 @@ arguments:
   text's i-th token, the remaining rows from `fallback`;
 - `from_file(path)`: a released or saved `.npy` prompt (shape, dtype and values checked).
 
-Prompt files are `.npy`, `[P, E]` float32: the format of the released prompts.
+Prompt files are `.npy`, `[P, E]` float32: the format of the released prompts
+(bfloat16 and float16 files are read too). `save_peft` / `load_peft` write and read
+Hugging Face PEFT prompt adapters (`checkpoints/peft.py`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from prompt_jax.t5.config import T5Config
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...]], Array]
@@ -46,6 +52,16 @@ def random_uniform(scale: float = 0.5) -> Initializer:
 
     def init(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
         return jax.random.uniform(rng, shape, dtype, minval=-scale, maxval=scale)
+
+    return init
+
+
+def reference_uniform(scale: float = 0.5) -> Initializer:
+    """Uniform in [0, scale): what the reference code draws (flax `uniform(scale)`) for the
+    paper's "random uniform [-0.5, 0.5]" (`random_uniform`)."""
+
+    def init(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        return jax.random.uniform(rng, shape, dtype, minval=0.0, maxval=scale)
 
     return init
 
@@ -122,17 +138,29 @@ def from_string(embedding: np.ndarray, vocab: Vocabulary, text: str,
 
 
 def from_file(path: str) -> Initializer:
-    """The prompt saved in `path` (checked against the requested shape)."""
+    """The prompt in `path` — a `.npy`, a PEFT adapter or a prompt-tuned t5x checkpoint
+    (`checkpoints.prompt_artifacts`) — checked against the requested shape."""
 
     def init(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
         del rng
-        return jnp.asarray(load_prompt(path, tuple(shape)), dtype)
+        from prompt_jax.checkpoints.prompt_artifacts import load_prompt_artifact
+
+        prompt = load_prompt_artifact(path)
+        if tuple(prompt.shape) != tuple(shape):
+            raise ValueError(f"{path}: prompt has shape {tuple(prompt.shape)}, expected "
+                             f"{tuple(shape)} (PROMPT_LENGTH x d_model)")
+        return jnp.asarray(prompt, dtype)
 
     return init
 
 
 def load_prompt(path: str, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a `.npy` prompt -> float32 [P, E]; never unpickles.
+
+    float32, float16, float64 and bfloat16 files are read. A bfloat16 `.npy` (what
+    the reference's `extract_variable --restore_dtype=bfloat16` writes) records its
+    dtype as the 2-byte void `|V2`, since numpy has no bfloat16 of its own; it is read
+    as ml_dtypes' bfloat16, the only 2-byte float with that descriptor.
 
     Raises ValueError naming the file for: not a .npy file, a pickled/object array,
     a non-float dtype, not 2-D, a shape other than `expected_shape`, NaN or inf.
@@ -154,19 +182,25 @@ def load_prompt(path: str, expected_shape: tuple[int, int] | None = None) -> np.
         raise ValueError(f"{path}: not a readable .npy file ({e})") from None
     except (OSError, EOFError) as e:
         raise ValueError(f"{path}: not a readable .npy file ({e})") from None
-    if not np.issubdtype(array.dtype, np.floating):
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2 and array.dtype.names is None:
+        import ml_dtypes
+
+        array = array.view(ml_dtypes.bfloat16)
+    elif not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: prompt has dtype {array.dtype}, expected a float array "
-                         "(float32)")
+                         "(float32, bfloat16 or float16)")
     if array.ndim != 2:
         raise ValueError(f"{path}: prompt has shape {array.shape}, expected [P, E]"
                          + (f" = {tuple(expected_shape)}" if expected_shape else ""))
     if expected_shape is not None and tuple(array.shape) != tuple(expected_shape):
         raise ValueError(f"{path}: prompt has shape {tuple(array.shape)}, expected "
                          f"{tuple(expected_shape)} (PROMPT_LENGTH x d_model)")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, refused below
+        array = array.astype(np.float32)
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
-        raise ValueError(f"{path}: prompt holds {bad} NaN/inf values")
-    return array.astype(np.float32)
+        raise ValueError(f"{path}: prompt holds {bad} NaN/inf values (as float32)")
+    return array
 
 
 def save_prompt(path: str, prompt: np.ndarray) -> None:
@@ -188,6 +222,24 @@ def save_prompt(path: str, prompt: np.ndarray) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# PEFT adapters (`prompt_jax.checkpoints.peft`), imported late: the checkpoint readers
+# import the model, which imports this module.
+def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: str | None = None,
+              *, config: T5Config | None = None) -> None:
+    """Write `prompt` [P, E] as a PEFT PROMPT_TUNING adapter (see checkpoints.peft.save_peft)."""
+    from prompt_jax.checkpoints import peft
+
+    peft.save_peft(prompt, directory, base_model_name_or_path, config=config)
+
+
+def load_peft(directory: str, d_model: int | None = None) -> np.ndarray:
+    """A PEFT PROMPT_TUNING / P_TUNING adapter's encoder prompt -> float32 [P, E]
+    (see checkpoints.peft.load_peft)."""
+    from prompt_jax.checkpoints import peft
+
+    return peft.load_peft(directory, d_model)
 
 
 class Prompt(nn.Module):

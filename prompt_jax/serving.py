@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax import decoding
+from prompt_jax import decoding, losses
 from prompt_jax.t5.model import T5
 
 Array = jax.Array
@@ -66,9 +66,8 @@ def _score_targets(model, params, encoder_input_tokens, target_tokens, prefix_em
     targets = target_tokens.reshape(batch * candidates, length).astype(jnp.int32)
     inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))  # shifted right, 0 = start
     logits = model.apply({"params": params}, encoded, mask, inputs, targets, method=T5.decode)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(targets > 0, token_ll, 0.0), axis=-1).reshape(batch, candidates)
+    weights = losses.loss_weights({"decoder_target_tokens": targets})
+    return losses.per_example_log_likelihood(logits, targets, weights).reshape(batch, candidates)
 
 
 def rank_classify(model: T5, params: Any, encoder_input_tokens: Array, target_tokens: Array,

@@ -1,4 +1,5 @@
-"""Train and eval steps: pure functions of (state, frozen params, batch).
+"""The train step, a pure function of (state, frozen params, batch), and the sharded state
+it runs on.
 
 The trainable subset (the prompt, by default) is the only thing differentiated;
 the frozen tree is a separate argument closed over by the loss, so XLA computes
@@ -8,12 +9,20 @@ tuning (the paper's baseline) is the same step with every parameter trainable.
 Batches are dicts of seqio's model features: `encoder_input_tokens` [B, T],
 `decoder_input_tokens` [B, L], `decoder_target_tokens` [B, L] and optionally
 `decoder_loss_weights` [B, L] (default: targets > 0).
+
+    state, frozen, shardings = initial_state(mesh, model, host_params, TRAINABLE, tx)
+    step = jit_train_step(make_train_step(model, tx), mesh, shardings)
+    state, metrics = step(state, frozen, partitioning.global_batch(local_batch, mesh))
+
+Metrics of a step: `loss` (cross-entropy per target token, the meaning `loss` has on
+eval lines too), `objective` (what is differentiated: t5x's summed loss, z-loss
+included), `z_loss`, `num_tokens`, `token_accuracy`, `grad_norm`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -21,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prompt_jax import losses
+from prompt_jax import losses, optim, partitioning
 from prompt_jax.optim import merge_params
-from prompt_jax.t5.model import T5
+from prompt_jax.pytree import flatten
+from prompt_jax.t5.model import T5, abstract_params
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -53,12 +63,6 @@ class LossConfig:
     loss_normalizing_factor: float | None = None
 
 
-def loss_weights(batch: Batch) -> Array:
-    if "decoder_loss_weights" in batch:
-        return batch["decoder_loss_weights"].astype(jnp.float32)
-    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
-
-
 def compute_loss(model: T5, params: Any, batch: Batch, loss_config: LossConfig,
                  dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
     """Teacher-forced loss of `batch` under `params` (dropout on iff `dropout_rng`)."""
@@ -66,17 +70,16 @@ def compute_loss(model: T5, params: Any, batch: Batch, loss_config: LossConfig,
     logits = model.apply({"params": params}, batch["encoder_input_tokens"],
                          batch["decoder_input_tokens"], batch["decoder_target_tokens"],
                          enable_dropout=dropout_rng is not None, rngs=rngs)
-    weights = loss_weights(batch)
-    loss, aux = losses.cross_entropy_with_logits(
-        logits, batch["decoder_target_tokens"], weights, z_loss=loss_config.z_loss,
-        label_smoothing=loss_config.label_smoothing,
+    objective, aux = losses.cross_entropy_with_logits(
+        logits, batch["decoder_target_tokens"], losses.loss_weights(batch),
+        z_loss=loss_config.z_loss, label_smoothing=loss_config.label_smoothing,
         loss_normalizing_factor=loss_config.loss_normalizing_factor)
-    # The loss is a sum over tokens (t5x); report the per-token cross-entropy beside it.
+    # The objective is a sum over tokens (t5x); `loss` is the cross-entropy per token.
     normalizer = loss_config.loss_normalizing_factor or 1.0
-    per_token = (loss - aux["z_loss"]) * normalizer / jnp.maximum(aux["num_tokens"], 1.0)
-    metrics = {"loss": loss, "z_loss": aux["z_loss"], "num_tokens": aux["num_tokens"],
-               "token_accuracy": aux["accuracy"], "cross_entropy_per_token": per_token}
-    return loss, metrics
+    per_token = (objective - aux["z_loss"]) * normalizer / jnp.maximum(aux["num_tokens"], 1.0)
+    metrics = {"loss": per_token, "objective": objective, "z_loss": aux["z_loss"],
+               "num_tokens": aux["num_tokens"], "token_accuracy": aux["accuracy"]}
+    return objective, metrics
 
 
 def make_train_step(model: T5, tx: optax.GradientTransformation,
@@ -104,13 +107,50 @@ def make_train_step(model: T5, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(model: T5, loss_config: LossConfig = LossConfig()
-                   ) -> Callable[[Any, Any, Batch], dict[str, Array]]:
-    """`eval_step(trainable, frozen, batch) -> metrics` (no dropout)."""
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+    """Where everything of a run lives on the mesh (trees of NamedShardings)."""
 
-    def eval_step(trainable: Any, frozen: Any, batch: Batch):
-        _, metrics = compute_loss(model, merge_params(trainable, frozen), batch, loss_config,
-                                  None)
-        return metrics
+    params: Any  # the whole parameter tree (trainable + frozen)
+    trainable: Any
+    frozen: Any
+    state: TrainState
 
-    return eval_step
+
+def initial_state(mesh: jax.sharding.Mesh, model: T5, host_params: Any,
+                  trainable: Sequence[str], tx: optax.GradientTransformation
+                  ) -> tuple[TrainState, Any, Shardings]:
+    """The train state and the frozen tree of `model`, placed on `mesh` from host params.
+
+    `host_params` is the whole tree (numpy arrays, the prompt included) as the model names
+    it; `trainable` regexes select what is trained (`optim.split_params`). Each device
+    receives only its shards; the optimizer state is created on the devices, sharded like
+    its parameters. -> (state, frozen, shardings).
+    """
+    from prompt_jax.checkpoints.tree import check_params
+
+    check_params(host_params, model.config, "initial_state", model.prompt_length)
+    params_sh = partitioning.params_shardings(
+        mesh, abstract_params(model.config, model.prompt_length, boxed=True))
+    trainable_host, frozen_host = optim.split_params(host_params, trainable)
+    trainable_sh, frozen_sh = optim.split_params(params_sh, trainable)
+    if not flatten(frozen_host):
+        frozen_host = frozen_sh = {}
+    state_sh = TrainState(
+        step=partitioning.to_shardings(mesh, partitioning.P()), trainable=trainable_sh,
+        opt_state=partitioning.opt_state_shardings(
+            tx, jax.eval_shape(lambda: trainable_host), trainable_sh))
+    create = partitioning.sharded_jit(lambda t: TrainState.create(t, tx), mesh,
+                                      in_shardings=(trainable_sh,), out_shardings=state_sh)
+    state = create(partitioning.shard_params(trainable_host, trainable_sh))
+    frozen = partitioning.shard_params(frozen_host, frozen_sh)
+    return state, frozen, Shardings(params_sh, trainable_sh, frozen_sh, state_sh)
+
+
+def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Shardings
+                   ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, Array]]]:
+    """`train_step` compiled for the mesh: batch rows on `data`, the state donated."""
+    return partitioning.sharded_jit(
+        train_step, mesh,
+        in_shardings=(shardings.state, shardings.frozen, partitioning.batch_sharding(mesh)),
+        out_shardings=(shardings.state, None), donate_argnums=(0,))

@@ -10,6 +10,10 @@ Tasks (seqio names):
   glue_{sst2,mrpc,qqp}
   <each of the above>_sentinel  targets start with `<extra_id_0>`; its postprocessor
                                 strips it before the task's own
+  taskless_<each of the above>, taskless_<each>_sentinel
+                                inputs without their first word, the task name ("rte
+                                hypothesis: …" -> "hypothesis: …"), as the prompt-tuning
+                                reference's `taskless_*` tasks; all else as the base task
   super_glue, super_glue_sentinel   mixtures of the eight tasks, T5's rates
   span_corruption, lm_adaptation    T5's span corruption, and the prefix LM
 
@@ -30,7 +34,10 @@ Data (gin binding of `data_paths` first, then the environment variable):
     `superglue_glue_train` for the text fields of the training files under the data
     directory. Unset: TFDS `c4/en`. About 1 in 20 local documents (by fingerprint)
     form the `validation` split.
-  PROMPT_JAX_VOCAB / data_paths.vocab: the SentencePiece model (default T5's on GCS).
+  PROMPT_JAX_VOCAB / data_paths.vocab: the SentencePiece model. Unset: the package's
+    own copy of T5's (`prompt_jax/demo_data/spiece.model`), read offline; `gs://…`
+    and other paths are read only when set here. An unreadable one
+    raises "cannot read the SentencePiece vocabulary <path>: <reason>".
 
 Determinism: with a seed, a task's dataset (order and the random objectives) is
 the same on every run.
@@ -43,6 +50,8 @@ from prompt_jax.tasks.benchmarks import (
     PRETRAINING_TASKS,
     SENTINEL_SUFFIX,
     TASK_NAMES,
+    TASKLESS_PREFIX,
+    TASKLESS_TASKS,
     class_labels,
     register,
 )
@@ -56,6 +65,8 @@ __all__ = [
     "MIXTURE_NAMES",
     "PRETRAINING_TASKS",
     "SENTINEL_SUFFIX",
+    "TASKLESS_PREFIX",
+    "TASKLESS_TASKS",
     "TASK_NAMES",
     "class_labels",
     "data_paths",

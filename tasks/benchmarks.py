@@ -1,11 +1,21 @@
-"""The registered tasks: one table of SuperGLUE/GLUE specs, their sentinel variants,
-the SuperGLUE mixture and the two pretraining objectives.
+"""The registered tasks: one table of SuperGLUE/GLUE specs, their taskless and sentinel
+variants, the SuperGLUE mixture and the two pretraining objectives.
+
+Each spec `<task>` is registered four times: `<task>`, `<task>_sentinel`,
+`taskless_<task>` and `taskless_<task>_sentinel`. A `taskless_` variant is its base task
+with the first word of the inputs (the task name, e.g. "rte") removed, as the
+prompt-tuning reference's `taskless_*` tasks (`prompt_tuning/data/super_glue.py`,
+`glue.py`); same source, targets, postprocessor and metrics. The reference names them
+`taskless_super_glue_<task>_v102` / `taskless_glue_<task>_v002` (WSC as
+`taskless_super_glue_wsc_v102_simple_{train,eval}`) and has no `_sentinel` ones; the
+names here follow this package's (no TFDS version; one WSC task).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import seqio
@@ -15,6 +25,7 @@ from prompt_jax.tasks.config import OUTPUT_FEATURES
 from prompt_jax.tasks.sources import BenchmarkSource, TextSource
 
 SENTINEL_SUFFIX = "_sentinel"
+TASKLESS_PREFIX = "taskless_"
 SUPER_GLUE_TFDS_VERSION = "1.0.2"
 GLUE_TFDS_VERSION = "2.0.0"
 
@@ -112,6 +123,11 @@ SUPER_GLUE_RATES = {
 PRETRAINING_TASKS = ("span_corruption", "lm_adaptation")
 
 
+def variant_name(task: str, *, taskless: bool = False, sentinel: bool = False) -> str:
+    """`task`, `task_sentinel`, `taskless_task` or `taskless_task_sentinel`."""
+    return (TASKLESS_PREFIX if taskless else "") + task + (SENTINEL_SUFFIX if sentinel else "")
+
+
 def _add_task(name: str, **kwargs) -> None:
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)  # importing the package twice re-registers
@@ -129,12 +145,15 @@ def register() -> None:
     for spec in SPECS:
         source = BenchmarkSource(spec.task, spec.tfds_name, spec.splits, spec.tfds_splits,
                                  spec.train_filter)  # fmt: skip
-        for sentinel in (False, True):
-            steps = [spec.format, seqio.preprocessors.tokenize]
+        for taskless, sentinel in itertools.product((False, True), repeat=2):
+            steps = [spec.format]
+            if taskless:
+                steps.append(formats.remove_first_word)
+            steps.append(seqio.preprocessors.tokenize)
             if sentinel:
                 steps.append(formats.prepend_sentinel)
             _add_task(
-                spec.name + (SENTINEL_SUFFIX if sentinel else ""),
+                variant_name(spec.name, taskless=taskless, sentinel=sentinel),
                 source=source,
                 preprocessors=[*steps, seqio.preprocessors.append_eos_after_trim],
                 postprocess_fn=postprocessors.strip_sentinel(spec.postprocess)
@@ -163,6 +182,11 @@ DOWNSTREAM_TASKS = tuple(s.name for s in SPECS)
 TASK_NAMES = (
     DOWNSTREAM_TASKS + tuple(n + SENTINEL_SUFFIX for n in DOWNSTREAM_TASKS) + PRETRAINING_TASKS
 )
+# The taskless variants, kept out of TASK_NAMES (the T5-format and pretraining tasks).
+TASKLESS_TASKS = tuple(
+    variant_name(n, taskless=True, sentinel=sentinel)
+    for sentinel in (False, True) for n in DOWNSTREAM_TASKS
+)  # fmt: skip
 MIXTURE_NAMES = ("super_glue", "super_glue" + SENTINEL_SUFFIX)
 _SPECS_BY_NAME = {s.name: s for s in SPECS}
 
@@ -170,13 +194,14 @@ _SPECS_BY_NAME = {s.name: s for s in SPECS}
 def class_labels(task_name: str) -> tuple[str, ...] | None:
     """The label strings of a classification task, in class-index order; None otherwise.
 
-    `_sentinel` variants give the same plain labels (without `<extra_id_0>`): the
-    strings a prompt is initialized from. ReCoRD, WSC (free-text referents), the
-    mixtures and the pretraining tasks give None.
+    `_sentinel` and `taskless_` variants give their base task's plain labels (without
+    `<extra_id_0>`): the strings a prompt is initialized from. ReCoRD, WSC (free-text
+    referents), the mixtures and the pretraining tasks give None.
     """
-    base = task_name.removesuffix(SENTINEL_SUFFIX)
+    base = task_name.removeprefix(TASKLESS_PREFIX).removesuffix(SENTINEL_SUFFIX)
     if base in _SPECS_BY_NAME:
         return _SPECS_BY_NAME[base].labels
     if task_name in PRETRAINING_TASKS or task_name in MIXTURE_NAMES:
         return None
-    raise ValueError(f"{task_name!r} is not a prompt_jax task; known: {TASK_NAMES + MIXTURE_NAMES}")
+    known = TASK_NAMES + TASKLESS_TASKS + MIXTURE_NAMES
+    raise ValueError(f"{task_name!r} is not a prompt_jax task; known: {known}")

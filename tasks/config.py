@@ -8,21 +8,29 @@ settings may change after `import prompt_jax.tasks`.
 | --- | --- | --- | --- |
 | official files | `data_paths.data_dir` | `PROMPT_JAX_DATA_DIR` | none: read TFDS |
 | pretraining text | `data_paths.text_files` | `PROMPT_JAX_TEXT_FILES` | none: TFDS `c4/en` |
-| vocabulary | `data_paths.vocab` | `PROMPT_JAX_VOCAB` | T5's `cc_all.32000.100extra` on GCS |
+| vocabulary | `data_paths.vocab` | `PROMPT_JAX_VOCAB` | `prompt_jax/demo_data/spiece.model` |
+
+The default vocabulary is the package's own copy of T5's `cc_all.32000` SentencePiece
+model (32,000 pieces; T5's tasks read it from
+`gs://t5-data/vocabs/cc_all.32000/sentencepiece.model` and add 100 extra ids, as here),
+so tasks read offline. A `gs://…` or other path is read only when configured. A
+vocabulary that cannot be read raises one line: "cannot read the SentencePiece
+vocabulary <path>: <reason>".
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 
 import gin
 import seqio
+import tensorflow as tf
 
 DATA_DIR_ENV = "PROMPT_JAX_DATA_DIR"
 TEXT_FILES_ENV = "PROMPT_JAX_TEXT_FILES"
 VOCAB_ENV = "PROMPT_JAX_VOCAB"
-DEFAULT_VOCAB = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
 EXTRA_IDS = 100
 
 
@@ -48,8 +56,23 @@ def text_files() -> str | None:
     return _setting("text_files", TEXT_FILES_ENV)
 
 
+def default_vocab() -> str:
+    """The T5 vocabulary shipped with the package: `prompt_jax/demo_data/spiece.model`."""
+    return str(importlib.resources.files("prompt_jax").joinpath("demo_data", "spiece.model"))
+
+
 def vocab_path() -> str:
-    return _setting("vocab", VOCAB_ENV) or DEFAULT_VOCAB
+    """The SentencePiece model in use: gin, then `PROMPT_JAX_VOCAB`, then `default_vocab()`."""
+    return _setting("vocab", VOCAB_ENV) or default_vocab()
+
+
+def _cannot_read(path: str, reason: str) -> str:
+    return f"cannot read the SentencePiece vocabulary {path}: {reason}"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,19 +80,29 @@ def _load_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
     vocab = seqio.SentencePieceVocabulary(path, extra_ids=EXTRA_IDS)
     try:
         _ = vocab.tokenizer  # seqio loads lazily; load now so a bad file is named here
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError on a non-model file
-        raise ValueError(f"{path}: not a SentencePiece model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    except tf.errors.OpError as e:  # the bytes could not be read (gfile: network, scheme, …)
+        raise ValueError(_cannot_read(path, _first_line(e))) from None
+    except Exception as e:  # protobuf DecodeError / sentencepiece RuntimeError on other bytes
+        raise ValueError(
+            _cannot_read(path, f"not a SentencePiece model ({_first_line(e)})")
+        ) from None
     return vocab
 
 
 def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
-    """T5's SentencePiece vocabulary with 100 extra ids (V = 32100, `<extra_id_0>` = 32099)."""
+    """T5's SentencePiece vocabulary with 100 extra ids (V = 32100, `<extra_id_0>` = 32099).
+
+    Raises:
+      FileNotFoundError: a local `path` that is no file.
+      ValueError: a file (or remote path) that cannot be read or is not a model.
+    """
     path = path or vocab_path()
     if "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path}: no SentencePiece model there (set {VOCAB_ENV} or gin data_paths.vocab)"
-        )
+        what = "a directory" if os.path.isdir(path) else "no such file"
+        raise FileNotFoundError(_cannot_read(
+            path, f"no SentencePiece model there ({what}; set {VOCAB_ENV} or gin "
+                  f"data_paths.vocab, or leave both unset for the package's own copy)"
+        ))  # fmt: skip
     return _load_vocabulary(path)
 
 

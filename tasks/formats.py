@@ -14,7 +14,8 @@
   qqp      "qqp question1: <q1> question2: <q2>"                          -> "duplicate"
 
 Unlabelled rows (label -1) get the target "<unk>", as T5 does. Fields are joined by
-single spaces without other normalization.
+single spaces without other normalization. The `taskless_` tasks drop the first word
+(`remove_first_word`): "rte hypothesis: …" -> "hypothesis: …", "wsc: …" -> "…".
 """
 
 from __future__ import annotations
@@ -134,6 +135,20 @@ def record(dataset: tf.data.Dataset) -> tf.data.Dataset:
         })  # fmt: skip
 
     return dataset.flat_map(expand)
+
+
+@seqio.map_over_dataset
+def remove_first_word(x):
+    """Text preprocessor of the `taskless_` tasks, run after the task's format: `inputs`
+    lose everything up to and including their first space (" ", not other whitespace), so
+    the leading task name goes ("rte hypothesis: …" -> "hypothesis: …"); inputs without
+    a space are kept whole. This is the prompt-tuning reference's
+    `remove_first_text_token` (`prompt_tuning/data/preprocessors.py`): a word of the text,
+    not a SentencePiece token.
+    """
+    x = dict(x)
+    x["inputs"] = tf.strings.regex_replace(x["inputs"], r"^[^ ]* ", "", replace_global=False)
+    return x
 
 
 def prepend_sentinel(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:

@@ -8,10 +8,8 @@ signal or a device count is involved).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import pathlib
 import re
 import shutil
 import signal
@@ -21,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, shared_file
+from conftest import REPO_ROOT, assert_one_line_error, run, shared_file, snapshot
 
 from prompt_jax import cli
 
@@ -32,27 +30,6 @@ FAST = ["--gin.INITIAL_CHECKPOINT=None", "--gin.ModelSpec.size='tiny'",
         "--gin.PROMPT_LENGTH=4", "--gin.ModelSpec.dropout_rate=0.0",
         "--gin.train.eval_examples=8", "--gin.evaluate.eval_examples=8"]
 E = 64  # d_model of the tiny T5
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    rc = cli.main(list(args))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def assert_one_line_error(rc: int, err: str, *patterns: str) -> None:
-    assert rc != 0, err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    for pattern in patterns:
-        assert re.search(pattern, errors[0]), (pattern, errors[0])
-
-
-def snapshot(directory: pathlib.Path) -> dict[str, str]:
-    """Hash of every file under `directory`: what must survive a failed command."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def train_args(model_dir, steps=4, period=2, *extra):
@@ -125,8 +102,9 @@ def test_checkpoint_path_that_does_not_exist(tmp_path, capsys):
 def test_checkpoint_of_another_architecture(tmp_path, capsys):
     t5x = shared_file("t5", "t5x_tiny_checkpoint", "checkpoint_3")
     rc, _, err = run(capsys, *train_args(tmp_path / "run"), f"--gin.INITIAL_CHECKPOINT='{t5x}'")
-    assert_one_line_error(rc, err, r"checkpoint_3: parameter decoder/decoder_norm/scale has "
-                                   r"shape \(4,\), expected \(64,\)")
+    # INITIAL_CHECKPOINT determines the architecture; the size gin names what differs.
+    assert_one_line_error(rc, err, r"checkpoint_3: the checkpoint has d_model=4, but "
+                                   r"ModelSpec.size='tiny' has d_model=64")
 
 
 def test_truncated_zarr_chunk(tmp_path, capsys):
@@ -182,6 +160,18 @@ def test_model_dir_with_a_different_config_is_refused(run_copy, capsys):
     rc, _, err = run(capsys, *train_args(run_copy, 4, 2, "--gin.adafactor.learning_rate=0.1"),
                      "--overwrite")
     assert rc == 0, err
+
+
+def test_run_of_an_older_prompt_jax_is_refused(run_copy, capsys):
+    """A config.gin without the v2 header was written when TASK_FEATURE_LENGTHS['inputs']
+    counted the prompt: resuming it now would silently feed it longer text."""
+    config = run_copy / "config.gin"
+    config.write_text("\n".join(config.read_text().splitlines()[1:]) + "\n")
+    before = snapshot(run_copy)
+    rc, _, err = run(capsys, *train_args(run_copy, 6, 2))
+    assert_one_line_error(rc, err, r"made by an older prompt_jax", r"counted the prompt",
+                          r"--overwrite")
+    assert snapshot(run_copy) == before
 
 
 # ------------------------------------------------------------------------ vocab, tasks, gin
@@ -275,7 +265,9 @@ def test_empty_split(tmp_path, capsys):
 def test_long_inputs_are_truncated_and_reported_once(tmp_path, capsys):
     rc, out, err = run(capsys, *train_args(tmp_path / "run", 2, 2), "--gin.train.eval_split=None")
     assert rc == 0, err
-    reports = [line for line in out.splitlines() if "inputs truncated to 44 tokens" in line]
+    # TASK_FEATURE_LENGTHS['inputs'] = 48 is the text's budget (the 4 prompt positions
+    # come on top).
+    reports = [line for line in out.splitlines() if "inputs truncated to 48 tokens" in line]
     assert len(reports) == 1 and re.match(r"train: \d+ of 1000 inputs truncated", reports[0])
 
 
@@ -284,11 +276,28 @@ def test_long_inputs_are_truncated_and_reported_once(tmp_path, capsys):
 @pytest.mark.parametrize("length,pattern", [
     (0, r"PROMPT_LENGTH=0 leaves nothing to train"),
     (-3, r"PROMPT_LENGTH must be a non-negative integer, got -3"),
-    (48, r"PROMPT_LENGTH=48 leaves no room for input tokens .*48"),
 ])
 def test_bad_prompt_length(tmp_path, capsys, length, pattern):
     rc, _, err = run(capsys, *train_args(tmp_path / "run"), f"--gin.PROMPT_LENGTH={length}")
     assert_one_line_error(rc, err, pattern)
+
+
+@pytest.mark.parametrize("lengths,pattern", [
+    ("{'inputs': 0, 'targets': 8}", r"TASK_FEATURE_LENGTHS\['inputs'\] must be a positive "
+                                    r"integer, got 0"),
+    ("{'inputs': 48}", r"TASK_FEATURE_LENGTHS must be a dict with keys 'inputs' and 'targets'"),
+])
+def test_bad_feature_lengths(tmp_path, capsys, lengths, pattern):
+    rc, _, err = run(capsys, *train_args(tmp_path / "run"), f"--gin.TASK_FEATURE_LENGTHS={lengths}")
+    assert_one_line_error(rc, err, pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("not a directory")
+    rc, _, err = run(capsys, *train_args(tmp_path / "run"))
+    assert_one_line_error(rc, err, r"MODEL_DIR=.*run' is a file, not a directory")
+    assert (tmp_path / "run").read_text() == "not a directory"
 
 
 def test_mesh_larger_than_the_devices(tmp_path, capsys):

@@ -26,7 +26,8 @@ def run_script(name: str, *args: str) -> str:
 
 
 def bench_common():
-    """bench/common.py under its own module name (scripts/common.py may be `common`)."""
+    """bench/common.py under its own module name (another module named `common` may be
+    imported already)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_common", REPO_ROOT / "bench" / "common.py")
@@ -90,7 +91,7 @@ def test_analytic_flops_count_the_dots_of_the_step(mode):
 
     common = bench_common()
 
-    from prompt_jax import optim, trainer
+    from prompt_jax import optim, train_step
     from prompt_jax.t5 import T5, get_config
 
     cfg = get_config("tiny", vocab_size=256, dropout_rate=0.0)
@@ -108,6 +109,6 @@ def test_analytic_flops_count_the_dots_of_the_step(mode):
         regexes = optim.DEFAULT_TRAINABLE if mode == "prompt" else optim.MODEL_TUNING
         trainable, frozen = optim.split_params(params, regexes)
         tx = optim.adafactor()
-        step = trainer.make_train_step(model, tx, trainer.LossConfig())
-        jaxpr = jax.make_jaxpr(step)(trainer.TrainState.create(trainable, tx), frozen, batch)
+        step = train_step.make_train_step(model, tx, train_step.LossConfig())
+        jaxpr = jax.make_jaxpr(step)(train_step.TrainState.create(trainable, tx), frozen, batch)
     assert common.t5_matmul_flops(cfg, 4, 24, 6, mode) == _dot_flops(jaxpr.jaxpr)

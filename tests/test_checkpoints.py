@@ -8,7 +8,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import shared_file, t5x_with_prompt
 
 import prompt_jax
 from prompt_jax.checkpoints.tree import expected_shapes
@@ -178,3 +178,136 @@ def test_missing_path_is_clear(tmp_path):
         prompt_jax.load_checkpoint(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         prompt_jax.load_checkpoint(str(tmp_path))
+
+
+# ---- t5x checkpoints written by the prompt-tuning reference (prompt variables inside) ----
+
+REFERENCE_PROMPT = "encoder/prompt/prompt/prompt"
+
+
+def _prompt(shape, seed=0):
+    return np.random.default_rng(seed).uniform(-0.5, 0.5, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("zarr", [False, True], ids=["inline", "zarr"])
+def test_prompt_tuned_t5x_gives_frozen_tree_and_its_prompt(tmp_path, zarr):
+    from prompt_jax.checkpoints.t5x import extract_variable, t5x_prompts
+    from prompt_jax.checkpoints.tree import PROMPT_PATH
+    from prompt_jax.pytree import unflatten
+
+    prompt = _prompt((5, 4))
+    ckpt = t5x_with_prompt(tmp_path / "checkpoint_3", {REFERENCE_PROMPT: prompt},
+                           zarr=(REFERENCE_PROMPT,) if zarr else ())
+    config, params = prompt_jax.load_checkpoint(str(ckpt))
+    assert set(flatten(params)) == set(expected_shapes(config))  # no prompt in the frozen tree
+    found = t5x_prompts(str(ckpt))
+    assert list(found) == ["prompt"]
+    np.testing.assert_array_equal(found["prompt"], prompt)
+    for name in ("target/" + REFERENCE_PROMPT, "/" + REFERENCE_PROMPT, REFERENCE_PROMPT):
+        np.testing.assert_array_equal(extract_variable(str(ckpt), name), prompt)
+    np.testing.assert_array_equal(extract_variable(str(ckpt / "checkpoint")), prompt)
+    np.testing.assert_array_equal(extract_variable(str(tmp_path)), prompt)  # the model dir
+
+    # The frozen tree serves the prompt as prefix embeddings, as a prompt model would.
+    enc = jnp.array([[71, 8, 1, 0], [3, 5, 19, 1]])
+    served, _ = T5(config).apply({"params": params}, enc, prompt, method=T5.encode)
+    own, _ = T5(config, prompt_length=5).apply(
+        {"params": unflatten({**flatten(params), PROMPT_PATH: prompt})}, enc, method=T5.encode)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(own), rtol=1e-6, atol=1e-6)
+
+
+def test_t5x_without_prompt_has_no_prompts(t5x_tiny):
+    from prompt_jax.checkpoints.t5x import t5x_prompts
+
+    assert t5x_prompts(str(t5x_tiny)) == {}
+
+
+def test_extract_variable_missing_names_checkpoint_and_close_names(tmp_path):
+    from prompt_jax.checkpoints.t5x import extract_variable
+
+    ckpt = t5x_with_prompt(tmp_path / "checkpoint_3", {REFERENCE_PROMPT: _prompt((5, 4))})
+    with pytest.raises(ValueError, match=r"checkpoint_3/checkpoint: no variable "
+                                         r"target/encoder/prompt/prompt/promt; closest: "
+                                         r"target/encoder/prompt/prompt/prompt"):
+        extract_variable(str(ckpt), "target/encoder/prompt/prompt/promt")
+    with pytest.raises(ValueError, match=r"checkpoint_3/checkpoint: target/encoder/prompt is a "
+                                         r"scope, not a variable; it holds target/encoder/"):
+        extract_variable(str(ckpt), "encoder/prompt")
+    with pytest.raises(FileNotFoundError, match=r"nope: t5x checkpoint path does not exist"):
+        extract_variable(str(tmp_path / "nope"))
+
+
+def _reference_project(shared, tasks, out):
+    """The reference's definition, position by position: task j's affine map of row i."""
+    size = shared.shape[1]
+    result = np.zeros((len(tasks), len(shared), out), np.float32)
+    for i in range(len(shared)):
+        for j in range(len(tasks)):
+            kernel = tasks[j, : out * size].reshape(out, size)
+            result[j, i] = kernel @ shared[i] + tasks[j, out * size:]
+    return result
+
+
+MULTITASK = {  # combine: (shared [P_s, H_s], tasks [N, S], expected [N, P, E]); E = 4
+    "add": ((3, 4), (2, 12), lambda s, t: s[None] + t.reshape(2, 3, 4)),
+    "concat": ((2, 4), (2, 12), lambda s, t: np.concatenate(
+        [np.stack([s, s]), t.reshape(2, 3, 4)], axis=1)),
+    "concat_features": ((3, 1), (2, 9), lambda s, t: np.concatenate(
+        [np.stack([s, s]), t.reshape(2, 3, 3)], axis=2)),
+    "project": ((3, 2), (2, 12), lambda s, t: _reference_project(s, t, 4)),
+}
+
+
+@pytest.mark.parametrize("combine", sorted(MULTITASK))
+def test_multitask_prompts_combined_per_task(tmp_path, combine):
+    from prompt_jax.checkpoints.t5x import SHARED_PROMPT, TASK_PROMPTS, t5x_prompts
+
+    shared_shape, tasks_shape, expected = MULTITASK[combine]
+    shared, tasks = _prompt(shared_shape, 1), _prompt(tasks_shape, 2)
+    ckpt = t5x_with_prompt(tmp_path / "checkpoint_3", {SHARED_PROMPT: shared,
+                                                      TASK_PROMPTS: tasks})
+    want = expected(shared, tasks)
+    found = t5x_prompts(str(ckpt), combine=combine)
+    assert sorted(found) == ["task_0", "task_1"]
+    for i in range(2):
+        np.testing.assert_allclose(found[f"task_{i}"], want[i], rtol=1e-6, atol=1e-6)
+
+    # Without `combine`, the run's config.gin (t5x writes it to the model dir) decides.
+    with pytest.raises(ValueError, match=r"checkpoint_3/checkpoint: a multi-task prompt .*"
+                                         r"no .*config.gin.*pass combine= one of add, concat"):
+        t5x_prompts(str(ckpt))
+    name = {"add": "Add", "concat": "Concat", "concat_features": "ConcatFeatures",
+            "project": "Project"}[combine]
+    (tmp_path / "config.gin").write_text(
+        f"train_prompts.MultiTaskPrompt.prompt = @multitask_prompts.{name}MultiTaskPrompt()\n"
+        f"multitask_prompts.{name}MultiTaskPrompt.length = {shared_shape[0]}\n")
+    np.testing.assert_allclose(t5x_prompts(str(ckpt))["task_1"], want[1], rtol=1e-6, atol=1e-6)
+
+
+def test_multitask_shapes_that_do_not_combine_are_refused(tmp_path):
+    from prompt_jax.checkpoints.t5x import SHARED_PROMPT, TASK_PROMPTS, t5x_prompts
+
+    ckpt = t5x_with_prompt(tmp_path / "checkpoint_3", {SHARED_PROMPT: _prompt((3, 4)),
+                                                      TASK_PROMPTS: _prompt((2, 10))})
+    with pytest.raises(ValueError, match=r"shared_prompt \(3, 4\) and task_prompts \(2, 10\) "
+                                         r"do not combine by 'add' into prompts of width 4"):
+        t5x_prompts(str(ckpt), combine="add")
+
+
+@pytest.mark.parametrize("leaves,match", [
+    ({"decoder/prompt/prompt/prompt": _prompt((5, 4))},
+     r"prompt variables \['target/decoder/prompt/prompt/prompt'\] are not a layout prompt_jax "
+     r"reads; supported: one prompt at target/encoder/prompt/prompt/prompt"),
+    ({REFERENCE_PROMPT: _prompt((5, 6))},
+     r"target/encoder/prompt/prompt/prompt has shape \(5, 6\), expected \[P, 4\]"),
+    ({REFERENCE_PROMPT: np.full((5, 4), np.inf, np.float32)},
+     r"prompt prompt holds 20 NaN/inf values"),
+], ids=["decoder_prompt", "width", "inf"])
+def test_unreadable_t5x_prompts_are_refused(tmp_path, leaves, match):
+    from prompt_jax.checkpoints.t5x import t5x_prompts
+
+    ckpt = t5x_with_prompt(tmp_path / "checkpoint_3", leaves)
+    with pytest.raises(ValueError, match=r"checkpoint_3/checkpoint: " + match):
+        t5x_prompts(str(ckpt))
+    config, params = prompt_jax.load_checkpoint(str(ckpt))  # the frozen model still loads
+    assert set(flatten(params)) == set(expected_shapes(config))

@@ -7,9 +7,8 @@ import json
 
 import pytest
 import seqio
-from conftest import shared_file
+from conftest import build_data_dir, shared_file
 from prompt_jax.tasks import config
-from test_tasks import build_data_dir  # the task tests' data directory
 
 from prompt_jax import data, rank_classification, tasks
 

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_t5_parity import build_hf_model, padded_batch  # noqa: E402
+from conftest import build_hf_model, padded_batch  # noqa: E402
 
 import prompt_jax  # noqa: E402
 from prompt_jax import decoding, serving  # noqa: E402

@@ -29,6 +29,7 @@ import pytest
 
 from prompt_jax import optim, partitioning, train_step
 from prompt_jax.t5 import T5, get_config
+from prompt_jax.t5 import model as t5_model
 
 HERE = pathlib.Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -143,7 +144,7 @@ def worker_eight(out: pathlib.Path) -> None:
 
     # Parameter and optimizer-state shardings on a 2x4 mesh.
     mesh = partitioning.make_mesh((2, 4))
-    abstract = jax.eval_shape(model.init, *init_args())["params"]
+    abstract = t5_model.abstract_params(CONFIG, PROMPT_LENGTH, boxed=True)
     shardings = partitioning.params_shardings(mesh, abstract)
     result["params"] = {k: spec_list(s) for k, s in optim.flatten(shardings).items()}
     tx = optim.adafactor(min_dim_size_to_factor=16)  # factor the tiny model's matrices
@@ -259,8 +260,6 @@ def eight(tmp_path_factory):
 def test_rules_table_covers_every_logical_axis_of_the_model():
     """Every logical name a parameter or activation of T5 carries has exactly one rule, every
     rule maps to an axis of the mesh (or replicates) and names something the model uses."""
-    from prompt_jax.t5 import model as t5_model
-
     rules = dict(partitioning.LOGICAL_AXIS_RULES)
     assert len(rules) == len(partitioning.LOGICAL_AXIS_RULES), "one rule per logical name"
     assert set(rules.values()) <= set(partitioning.MESH_AXES) | {None}
@@ -294,8 +293,7 @@ def test_param_shardings_follow_rules(eight):
     for path, spec in expected.items():
         assert specs[path] == spec, path
     # Every parameter is covered; only vocab/joined_kv/mlp/heads dims are ever sharded.
-    assert len(specs) == len(optim.flatten(jax.eval_shape(
-        make_model().init, *init_args())["params"]))
+    assert len(specs) == len(optim.flatten(t5_model.abstract_params(CONFIG, PROMPT_LENGTH)))
 
 
 def test_opt_state_shardings_follow_params(eight):

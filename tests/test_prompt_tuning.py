@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import decoding, optim, trainer
+from prompt_jax import decoding, optim, train_step
 from prompt_jax.t5 import T5, get_config
 
 P = 16
@@ -51,11 +51,11 @@ def test_frozen_weights_bitwise_unchanged_and_prompt_trained():
     trainable, frozen = optim.split_params(params, optim.DEFAULT_TRAINABLE)
     assert list(optim.flatten(trainable)) == ["encoder/prompt/prompt"]
     tx = optim.adafactor()
-    state = trainer.TrainState.create(trainable, tx)
+    state = train_step.TrainState.create(trainable, tx)
     frozen_before = jax.tree.map(np.array, frozen)
     prompt_before = np.array(trainable["encoder"]["prompt"]["prompt"])
 
-    step = jax.jit(trainer.make_train_step(model, tx))
+    step = jax.jit(train_step.make_train_step(model, tx))
     rng = np.random.default_rng(1)
     for _ in range(5):
         state, _ = step(state, frozen, fixed_label_batch(rng))
@@ -85,8 +85,8 @@ def test_compiled_prompt_step_computes_no_weight_gradients():
     hlo, flops = {}, {}
     for name, regexes in (("prompt", optim.DEFAULT_TRAINABLE), ("model", optim.MODEL_TUNING)):
         trainable, frozen = optim.split_params(params, regexes)
-        state = trainer.TrainState.create(trainable, tx)
-        step = jax.jit(trainer.make_train_step(model, tx))
+        state = train_step.TrainState.create(trainable, tx)
+        step = jax.jit(train_step.make_train_step(model, tx))
         compiled = step.lower(state, frozen, batch).compile()
         hlo[name], flops[name] = compiled.as_text(), compiled.cost_analysis()["flops"]
     # Forward + input gradients only: about 2/3 of the model-tuning step's FLOPs.
@@ -101,8 +101,8 @@ def test_prompt_alone_learns_a_fixed_label_string():
     model, params = init_params(CONFIG)
     trainable, frozen = optim.split_params(params)
     tx = optim.adafactor()
-    state = trainer.TrainState.create(trainable, tx)
-    step = jax.jit(trainer.make_train_step(model, tx))
+    state = train_step.TrainState.create(trainable, tx)
+    step = jax.jit(train_step.make_train_step(model, tx))
     rng = np.random.default_rng(2)
     losses = []
     for _ in range(150):
@@ -121,8 +121,8 @@ def test_model_tuning_changes_every_weight():
     trainable, frozen = optim.split_params(params, optim.MODEL_TUNING)
     assert not frozen
     tx = optim.adafactor()
-    state = trainer.TrainState.create(trainable, tx)
-    state, _ = jax.jit(trainer.make_train_step(model, tx))(
+    state = train_step.TrainState.create(trainable, tx)
+    state, _ = jax.jit(train_step.make_train_step(model, tx))(
         state, frozen, fixed_label_batch(np.random.default_rng(0)))
     changed = {k: not np.array_equal(v, optim.flatten(params)[k])
                for k, v in optim.flatten(state.trainable).items()}
@@ -136,8 +136,8 @@ def test_bf16_frozen_weights_with_fp32_prompt_and_state():
     assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(frozen))
     assert trainable["encoder"]["prompt"]["prompt"].dtype == jnp.float32
     tx = optim.adafactor()
-    state = trainer.TrainState.create(trainable, tx)
-    step = jax.jit(trainer.make_train_step(model, tx))
+    state = train_step.TrainState.create(trainable, tx)
+    step = jax.jit(train_step.make_train_step(model, tx))
     rng = np.random.default_rng(3)
     for _ in range(3):
         state, metrics = step(state, frozen, fixed_label_batch(rng))

@@ -13,7 +13,7 @@ import pytest
 
 from prompt_jax import decoding, prompts, serving
 from prompt_jax.t5.config import T5Config
-from prompt_jax.t5.model import T5
+from prompt_jax.t5.model import T5, abstract_params
 
 V, E, STEPS = 120, 32, 6
 CONFIG = T5Config(vocab_size=V, d_model=E, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=2,
@@ -27,8 +27,7 @@ LABELS_2D = jnp.asarray(serving.pad_candidates([LABELS])[0])  # [C, L], shared b
 def frozen():
     """A random tiny T5, its params drawn in numpy (no compilation)."""
     model = T5(CONFIG)
-    tokens = jnp.ones((1, 4), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+    shapes = abstract_params(CONFIG)
     rng = np.random.default_rng(0)
     leaves, tree = jax.tree.flatten_with_path(shapes)
     params = [(1.0 + 0.1 * rng.normal(size=s.shape) if "scale" in jax.tree_util.keystr(path)

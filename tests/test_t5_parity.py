@@ -15,65 +15,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import CONFIGS, build_hf_model, padded_batch, shift_right  # noqa: E402
+
 import prompt_jax  # noqa: E402
 from prompt_jax import decoding  # noqa: E402
 from prompt_jax.t5.layers import relative_position_bucket  # noqa: E402
 from prompt_jax.t5.model import T5  # noqa: E402
-
-VOCAB = 120
-
-CONFIGS = {
-    "t5_1_0_tied_relu": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                             num_heads=4, feed_forward_proj="relu", tie_word_embeddings=True),
-    "t5_1_1_untied_gated_gelu": dict(d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                                     num_decoder_layers=2, num_heads=4,
-                                     feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    "heads_times_kv_ne_d_model": dict(d_model=24, d_kv=10, d_ff=40, num_layers=2,
-                                      num_decoder_layers=2, num_heads=3,
-                                      feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    # Deeper, asymmetric stacks, few buckets and a short max distance so that the
-    # logarithmic buckets are exercised by the padded batch's lengths.
-    "deep_padded_log_buckets": dict(d_model=32, d_kv=8, d_ff=64, num_layers=4,
-                                    num_decoder_layers=3, num_heads=4,
-                                    relative_attention_num_buckets=8,
-                                    relative_attention_max_distance=20,
-                                    feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-}
-
-
-def _randomize(model, seed: int) -> None:
-    """Give every weight (norm scales and biases included) distinct random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.2 if "layer_norm" not in name else 0.5
-            base = 1.0 if "layer_norm" in name else 0.0
-            p.copy_(base + scale * torch.randn(p.shape, generator=gen))
-
-
-def build_hf_model(name: str, tmp_path, seed: int = 0):
-    cfg = transformers.T5Config(vocab_size=VOCAB, dropout_rate=0.0, **CONFIGS[name])
-    torch.manual_seed(seed)
-    model = transformers.T5ForConditionalGeneration(cfg).eval()
-    if not CONFIGS[name]["tie_word_embeddings"]:
-        # transformers >= 5 ties lm_head to the embedding on construction; T5 1.1 does not.
-        model.lm_head.weight = torch.nn.Parameter(torch.empty(VOCAB, cfg.d_model))
-    _randomize(model, seed)
-    model.save_pretrained(tmp_path)
-    return model
-
-
-def padded_batch(rng: np.random.Generator, lengths, width: int) -> np.ndarray:
-    """Rows of random ids (>= 2) ending in EOS (1), right-padded with 0."""
-    out = np.zeros((len(lengths), width), np.int32)
-    for row, n in enumerate(lengths):
-        out[row, : n - 1] = rng.integers(2, VOCAB, n - 1)
-        out[row, n - 1] = 1
-    return out
-
-
-def shift_right(targets: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

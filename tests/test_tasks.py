@@ -17,25 +17,10 @@ import time
 import gin
 import pytest
 import seqio
-from conftest import REPO_ROOT, SHARED_DATA, shared_file
+from conftest import SHARED_DATA, build_data_dir, shared_file
 from prompt_jax.tasks import config, sources
 
 from prompt_jax import tasks
-
-FIXTURES = REPO_ROOT / "tests" / "testdata" / "official"
-SHARED_TASKS = ("RTE", "WSC")
-
-
-def build_data_dir(root: pathlib.Path) -> pathlib.Path:
-    """A data directory: the shared RTE/WSC files beside the hand-written ones."""
-    for bench in ("super_glue", "glue"):
-        (root / bench).mkdir()
-        for d in (FIXTURES / bench).iterdir():
-            (root / bench / d.name).symlink_to(d)
-    for name in SHARED_TASKS:
-        if (SHARED_DATA / "super_glue" / name).is_dir():
-            (root / "super_glue" / name).symlink_to(SHARED_DATA / "super_glue" / name)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -354,8 +339,8 @@ def test_malformed_tsv_line_names_file_and_line(monkeypatch, tmp_path):
 
 
 def test_import_touches_no_network_and_no_file():
-    """A fresh interpreter, no PROMPT_JAX_* variable (so the vocabulary is the GCS default),
-    sockets refused: importing registers everything and reads nothing."""
+    """A fresh interpreter, no PROMPT_JAX_* variable (so the vocabulary is the package's
+    copy), sockets refused: importing registers everything and reads nothing."""
     code = (
         "import socket\n"
         "def refuse(*a, **k): raise OSError('network touched')\n"
@@ -363,6 +348,7 @@ def test_import_touches_no_network_and_no_file():
         "socket.getaddrinfo = refuse\n"
         "import seqio, prompt_jax.tasks as t\n"
         "assert set(t.TASK_NAMES) <= set(seqio.TaskRegistry.names())\n"
+        "assert set(t.TASKLESS_TASKS) <= set(seqio.TaskRegistry.names())\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPT_JAX_")}
     env["JAX_PLATFORMS"] = "cpu"

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
-from conftest import shared_file
+from conftest import build_data_dir, shared_file
 from prompt_jax.tasks import config, pretraining, sources
-from test_tasks import build_data_dir  # the task tests' data directory
 
 from prompt_jax import tasks
 

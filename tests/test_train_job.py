@@ -11,23 +11,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import DEMO, cli
+from conftest import train_args as conftest_train_args
 
 # Small and fast: the demo config on a random 2+2-layer T5, short inputs, dropout off.
 FAST = ["--gin.INITIAL_CHECKPOINT=None", "--gin.ModelSpec.size='tiny'",
-        "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 8}", "--gin.BATCH_SIZE=4",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 44, 'targets': 8}", "--gin.BATCH_SIZE=4",
         "--gin.PROMPT_LENGTH=4", "--gin.ModelSpec.dropout_rate=0.0",
         "--gin.train.eval_examples=24", "--gin.evaluate.eval_examples=24"]
-# The README's demo command, as it is, with fewer steps and a smaller eval set.
-DEMO = ["--gin.train.eval_examples=24", "--gin.evaluate.eval_examples=24"]
-
-
-def cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "prompt_jax.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"prompt-jax {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def read_metrics(model_dir) -> list[dict]:
@@ -36,16 +27,7 @@ def read_metrics(model_dir) -> list[dict]:
 
 
 def train_args(model_dir, steps=8, period=4, settings=FAST):
-    return ["train", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
-            f"--gin.EVAL_PERIOD={period}", "--gin.train.log_period=1", *settings]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The README's demo command (bundled backbone and data), with a small step count."""
-    model_dir = tmp_path_factory.mktemp("demo") / "run"
-    proc = cli(*train_args(model_dir, settings=DEMO))
-    return model_dir, proc
+    return conftest_train_args(model_dir, steps, period, settings)
 
 
 def test_demo_writes_what_the_readme_promises(demo_run):
@@ -59,32 +41,150 @@ def test_demo_writes_what_the_readme_promises(demo_run):
     train_lines = [r for r in records if "split" not in r]
     eval_lines = [r for r in records if r.get("split") == "validation"]
     assert [r["step"] for r in train_lines] == list(range(1, 9))
-    assert all(np.isfinite(r["loss"]) for r in train_lines)
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["objective"]) for r in train_lines)
+    # `loss` means cross-entropy per target token on train and eval lines alike.
+    assert all(r["loss"] < r["objective"] for r in train_lines)  # a sum over >1 token
     assert [r["step"] for r in eval_lines] == [4, 8]
     assert all({"accuracy", "rank_accuracy", "loss"} <= set(r) for r in eval_lines)
     prompt = np.load(model_dir / "prompts" / "8.npy")
     assert prompt.shape == (20, 64) and prompt.dtype == np.float32
     assert not (model_dir / "base_model").exists()  # the frozen weights are the bundled ones
+    # Training moved the prompt, and best_prompt.npy is the prompt of the best eval's step.
+    assert not np.allclose(np.load(model_dir / "prompts" / "4.npy"), prompt)
+    best = json.loads((model_dir / "best.json").read_text())
+    assert best["metric"] == "loss"  # demo.gin: early stopping on the validation loss
+    losses = {r["step"]: r["loss"] for r in eval_lines}
+    assert best["step"] == min(losses, key=losses.get) and best["value"] == min(losses.values())
+    np.testing.assert_array_equal(np.load(model_dir / "best_prompt.npy"),
+                                  np.load(model_dir / "prompts" / f"{best['step']}.npy"))
 
 
-def test_eval_and_infer_reproduce_the_final_validation_metrics(demo_run):
+def test_eval_reproduces_each_steps_validation_metrics(demo_run):
+    """`prompt-jax eval` on the prompt of step 4 and of step 8 gives that step's eval line:
+    two different losses, each equal to the train job's."""
+    model_dir, _ = demo_run
+    evals = {r["step"]: r for r in read_metrics(model_dir) if r.get("split") == "validation"}
+    assert evals[4]["loss"] != evals[8]["loss"]
+    for step in (4, 8):
+        prompt = model_dir / "prompts" / f"{step}.npy"
+        proc = cli("eval", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
+                   *DEMO)
+        metrics = json.loads((model_dir / "eval_validation.json").read_text())["metrics"]
+        np.testing.assert_allclose(metrics["loss"], evals[step]["loss"], rtol=1e-6)
+        assert metrics["rank_accuracy"] == evals[step]["rank_accuracy"]
+        assert metrics["accuracy"] == evals[step]["accuracy"]
+        assert "accuracy=" in proc.stdout
+
+
+def test_eval_on_eight_devices_equals_one_device(demo_run):
+    """Eval batches are sharded over the mesh's `data` axis: on 8 (simulated) devices the
+    metrics are those the one-device train job logged."""
     model_dir, _ = demo_run
     final = [r for r in read_metrics(model_dir) if r.get("split") == "validation"][-1]
-    prompt = model_dir / "prompts" / "8.npy"
-    proc = cli("eval", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'", *DEMO)
-    with open(model_dir / "eval_validation.json") as f:
-        metrics = json.load(f)["metrics"]
-    assert metrics["accuracy"] == final["accuracy"]
-    assert metrics["rank_accuracy"] == final["rank_accuracy"]
-    np.testing.assert_allclose(metrics["loss"], final["loss"], rtol=1e-6)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = cli("eval", f"--gin.MODEL_DIR='{model_dir}'",
+               f"--gin.PROMPT_FILE='{model_dir / 'prompts' / '8.npy'}'", *DEMO, env=env)
     assert "accuracy=" in proc.stdout
+    metrics = json.loads((model_dir / "eval_validation.json").read_text())["metrics"]
+    np.testing.assert_allclose(metrics["loss"], final["loss"], rtol=1e-5)
+    assert metrics["rank_accuracy"] == final["rank_accuracy"]
+    assert metrics["accuracy"] == final["accuracy"]
 
-    out = model_dir / "infer.jsonl"
-    proc = cli("infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
-               f"--gin.OUTPUT_FILE='{out}'", "--gin.infer.max_examples=24", *DEMO)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 24 and all({"inputs", "prediction", "score"} <= set(r) for r in rows)
-    assert f"accuracy={final['accuracy']:.4g}" in proc.stdout
+
+def _served(model_dir, prompt_file):
+    """The demo's model and a prompt, in process, for reference decodes."""
+    from prompt_jax import build
+
+    served = build.load_served(build.ModelSpec(size="inhouse_tiny", dropout_rate=0.0),
+                               str(build.demo_path("inhouse_tiny_t5")), str(model_dir),
+                               [str(prompt_file)])
+    return served
+
+
+def _reference_decode(served, texts, beams=1):
+    import jax.numpy as jnp
+
+    from prompt_jax import decoding, tasks
+    from prompt_jax.t5.model import T5
+
+    vocab = tasks.get_vocabulary()
+    rows = [list(vocab.encode(t))[:107] + [1] for t in texts]
+    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    prompt = jnp.asarray(next(iter(served.prompts.values())))
+    model = T5(served.config)
+    if beams > 1:
+        out, scores = decoding.beam_search(model, served.frozen, jnp.asarray(tokens), 8, beams,
+                                           0.6, prompt)
+        out, scores = np.asarray(out)[:, 0], np.asarray(scores)[:, 0]
+    else:
+        out, scores = decoding.greedy_decode(model, served.frozen, jnp.asarray(tokens), 8,
+                                             prompt)
+    return [vocab.decode([int(t) for t in row if t > 1]) for row in np.asarray(out)], \
+        np.asarray(scores)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "tsv"])
+def test_infer_input_file_equals_the_task_split_and_a_reference_decode(demo_run, tmp_path,
+                                                                       kind):
+    model_dir, _ = demo_run
+    prompt = model_dir / "prompts" / "8.npy"
+    split = tmp_path / "split.jsonl"
+    cli("infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
+        f"--gin.OUTPUT_FILE='{split}'", "--gin.infer.max_examples=6", *DEMO)
+    from_split = [json.loads(line) for line in split.read_text().splitlines()]
+    assert len(from_split) == 6 and all({"inputs", "prediction", "score", "targets"} <= set(r)
+                                        for r in from_split)
+    inputs = tmp_path / f"inputs.{kind}"
+    if kind == "jsonl":
+        inputs.write_text("".join(json.dumps({"inputs": r["inputs"]}) + "\n" for r in from_split))
+    else:
+        inputs.write_text("".join(r["inputs"].replace("\t", " ") + "\n" for r in from_split))
+    out = tmp_path / "out.jsonl"
+    cli("infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
+        f"--gin.INPUT_FILE='{inputs}'", f"--gin.OUTPUT_FILE='{out}'", *DEMO)
+    from_file = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prediction"] for r in from_file] == [r["prediction"] for r in from_split]
+    np.testing.assert_allclose([r["score"] for r in from_file], [r["score"] for r in from_split],
+                               rtol=1e-5, atol=1e-5)
+    texts, scores = _reference_decode(_served(model_dir, prompt), [r["inputs"] for r in from_split])
+    assert [r["prediction"] for r in from_file] == texts
+    np.testing.assert_allclose([r["score"] for r in from_file], scores, rtol=1e-4, atol=1e-4)
+
+
+def test_infer_prompts_by_task_and_beam_search(demo_run, tmp_path):
+    """A mixed batch (rows of two 'tasks', each its own prompt) gives each row what its prompt
+    gives alone; beam search in the job equals `decoding.beam_search`."""
+    model_dir, _ = demo_run
+    p4, p8 = model_dir / "prompts" / "4.npy", model_dir / "prompts" / "8.npy"
+    texts = ["rte hypothesis: It rains. premise: The street is wet.",
+             "rte hypothesis: A cat sat. premise: The dog barked at the mailman.",
+             "rte hypothesis: Paris is in France. premise: France's capital is Paris."]
+    inputs = tmp_path / "mixed.jsonl"
+    inputs.write_text("".join(json.dumps({"inputs": t, "task": task}) + "\n"
+                              for t in texts for task in ("four", "eight")))
+    out = tmp_path / "mixed_out.jsonl"
+    cli("infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.INPUT_FILE='{inputs}'",
+        f"--gin.OUTPUT_FILE='{out}'", f"--gin.infer.prompt_files_by_task={{'four': '{p4}', "
+        f"'eight': '{p8}'}}", *DEMO)
+    mixed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["task"] for r in mixed] == ["four", "eight"] * 3
+    for prompt, rows in ((p4, mixed[0::2]), (p8, mixed[1::2])):
+        alone, scores = _reference_decode(_served(model_dir, prompt), texts)
+        assert [r["prediction"] for r in rows] == alone
+        np.testing.assert_allclose([r["score"] for r in rows], scores, rtol=1e-4, atol=1e-4)
+
+    beam = tmp_path / "beam.jsonl"
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"inputs": t}) + "\n" for t in texts))
+    cli("infer", "--gin_file=demo_infer.gin", "--gin_file=decoding/beam.gin",
+        f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{p8}'",
+        f"--gin.INPUT_FILE='{plain}'", f"--gin.OUTPUT_FILE='{beam}'", *DEMO)
+    rows = [json.loads(line) for line in beam.read_text().splitlines()]
+    expected, scores = _reference_decode(_served(model_dir, p8), texts, beams=4)
+    assert [r["prediction"] for r in rows] == expected
+    np.testing.assert_allclose([r["score"] for r in rows], scores, rtol=1e-4, atol=1e-4)
 
 
 def test_resume_after_kill_ends_with_the_uninterrupted_prompt(tmp_path):
@@ -128,7 +228,7 @@ def test_missing_required_macro_is_named(bindings, missing, capsys):
 
     rc = cli_module.main(["train", "--gin_file=runs/prompt_finetune.gin", *bindings])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 2, err
     assert f"missing required macro{'s' if ',' in missing else ''} {missing}:" in err
 
 

@@ -1,4 +1,6 @@
-"""Reading and writing model checkpoints: Hugging Face directories and t5x checkpoints."""
+"""Reading and writing model checkpoints: Hugging Face directories and t5x checkpoints (the
+frozen model: `load_checkpoint` never returns prompt variables), and prompt artifacts
+(`prompt_artifacts`: .npy, PEFT adapters, prompt-tuned t5x checkpoints)."""
 
 from __future__ import annotations
 

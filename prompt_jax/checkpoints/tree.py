@@ -4,27 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from prompt_jax.pytree import flatten
-from prompt_jax.t5.config import T5Config
+from prompt_jax.t5.config import PROMPT_PATH, T5Config
 
-PROMPT_PATH = "encoder/prompt/prompt"
+__all__ = ["PROMPT_PATH", "cast_params", "check_params", "expected_shapes"]
+
+
+def cast_params(params: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Every leaf as a numpy array of `dtype` (e.g. bfloat16 frozen weights)."""
+    from prompt_jax.pytree import unflatten
+
+    return unflatten({k: np.asarray(v).astype(dtype) for k, v in flatten(params).items()})
 
 
 def expected_shapes(config: T5Config, prompt_length: int = 0) -> dict[str, tuple[int, ...]]:
     """Every parameter path of `T5(config)` and its shape, without allocating."""
-    from prompt_jax.t5.model import T5  # late: model imports prompts, which may import us
+    from prompt_jax.t5.model import abstract_params  # late: model imports prompts
 
-    model = T5(config, prompt_length=prompt_length)
-    tokens = jnp.ones((1, 2), jnp.int32)
-    abstract = jax.eval_shape(lambda r: model.init(r, tokens, tokens, tokens),
-                              jax.random.PRNGKey(0))
-    params = flax.linen.unbox(abstract["params"])
-    return {k: tuple(v.shape) for k, v in flatten(params).items()}
+    return {k: tuple(v.shape) for k, v in flatten(abstract_params(config, prompt_length)).items()}
 
 
 def check_params(params: dict[str, Any], config: T5Config, source: str,

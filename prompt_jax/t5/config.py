@@ -15,6 +15,11 @@ import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# Where a prompt-tuned T5 keeps its prompt `[P, E]` (t5x/flaxformer's name); a constant of
+# the model (`prompt_jax.t5.model` re-exports it), defined here so that readers of
+# checkpoints can name it without importing flax modules.
+PROMPT_PATH = "encoder/prompt/prompt"
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -24,6 +29,15 @@ class T5Config:
     `gated_gelu=False, tie_embeddings=True` is the original T5 (1.0), whose
     logits are the tied embedding's dot products scaled by `d_model**-0.5`.
     `num_heads * d_kv` need not equal `d_model` (T5 1.0 3B and 11B).
+
+    The output layer and the inputs' tables, for any Hugging Face T5 (transformers 5
+    records them separately): `tie_embeddings` makes the output layer the shared table
+    `token_embedder/embedding` (else `decoder/logits_dense/kernel`); `scale_logits`
+    multiplies the decoder's output by `d_model**-0.5` before it (None: exactly when
+    tied, as in T5 1.0, T5 1.1 and t5x); `separate_encoder_embedding` /
+    `separate_decoder_embedding` give that stack its own input table
+    (`encoder/token_embedder/embedding`, `decoder/token_embedder/embedding`) instead
+    of the shared one.
     """
 
     vocab_size: int = 32128
@@ -37,6 +51,9 @@ class T5Config:
     relative_attention_max_distance: int = 128
     gated_gelu: bool = True
     tie_embeddings: bool = False
+    scale_logits: bool | None = None
+    separate_encoder_embedding: bool = False
+    separate_decoder_embedding: bool = False
     dropout_rate: float = 0.1
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"  # activations
@@ -56,11 +73,19 @@ class T5Config:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.scale_logits not in (None, True, False):
+            raise ValueError(f"T5Config.scale_logits must be True, False or None (follow "
+                             f"tie_embeddings), got {self.scale_logits!r}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(
                     f"T5Config.{field} must be one of {DTYPES}, got {getattr(self, field)!r}"
                 )
+
+    @property
+    def logits_scaled(self) -> bool:
+        """Whether the decoder's output is scaled by `d_model**-0.5` before the logits."""
+        return self.tie_embeddings if self.scale_logits is None else self.scale_logits
 
     @property
     def joined_kv(self) -> int:

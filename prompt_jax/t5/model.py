@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from prompt_jax import prompts
-from prompt_jax.t5.config import T5Config
+from prompt_jax.t5.config import PROMPT_PATH, T5Config
 from prompt_jax.t5.layers import (
     MLP,
     Dense,
@@ -35,6 +35,7 @@ from prompt_jax.t5.layers import (
 )
 
 Array = jax.Array
+__all__ = ["PROMPT_PATH", "T5", "abstract_params"]
 
 
 def _norm(config: T5Config, name: str) -> RMSNorm:
@@ -50,6 +51,11 @@ def _attention(config: T5Config, name: str) -> MultiHeadAttention:
 def _mlp(config: T5Config) -> MLP:
     return MLP(config.d_ff, config.d_model, config.gated_gelu, config.dropout_rate,
                config.activation_dtype, config.weight_dtype, name="mlp")
+
+
+def _embed(config: T5Config, name: str) -> Embed:
+    return Embed(config.vocab_size, config.d_model, config.activation_dtype, config.weight_dtype,
+                 name=name)
 
 
 def _relpos(config: T5Config) -> RelativePositionBiases:
@@ -93,12 +99,11 @@ class DecoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """embed -> prepend prompt -> extend mask -> layers -> norm."""
+    """embed -> place the soft tokens -> layers -> norm."""
 
     config: T5Config
     token_embedder: Embed
     prompt_length: int = 0
-    prompt_init: prompts.Initializer = prompts.random_uniform()
 
     @nn.compact
     def __call__(self, tokens: Array, prefix: Array | None = None,
@@ -111,20 +116,9 @@ class Encoder(nn.Module):
         different lengths); the model's own prompt, if it has one, is the prefix.
         """
         cfg = self.config
-        x = self.token_embedder(tokens)
-        mask = tokens > 0
-        if self.prompt_length:
-            if prefix is not None:
-                raise ValueError("this model has its own prompt; pass no prefix embeddings")
-            prefix = prompts.Prompt(self.prompt_length, cfg.d_model, self.prompt_init,
-                                    name="prompt")()
-        if prefix is not None:
-            if prefix.ndim == 2:
-                prefix = jnp.broadcast_to(prefix[None], (x.shape[0],) + prefix.shape)
-            if prefix_mask is None:
-                prefix_mask = jnp.ones(prefix.shape[:2], dtype=bool)
-            x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
-            mask = jnp.concatenate([prefix_mask.astype(bool), mask], axis=1)
+        own = cfg.separate_encoder_embedding  # a table of its own, else the shared one
+        x = (_embed(cfg, "token_embedder") if own else self.token_embedder)(tokens)
+        x, mask = self.place_soft_tokens(x, tokens > 0, prefix, prefix_mask)
         x = constrain(x, ("batch", "length", "embed"))
         x = dropout(cfg.dropout_rate, deterministic)(x)
 
@@ -135,6 +129,23 @@ class Encoder(nn.Module):
             x = EncoderLayer(cfg, name=f"layers_{i}")(x, pair_mask, bias, deterministic)
         x = _norm(cfg, "encoder_norm")(x)
         return dropout(cfg.dropout_rate, deterministic)(x), mask
+
+    def place_soft_tokens(self, x: Array, mask: Array, prefix: Array | None,
+                          prefix_mask: Array | None) -> tuple[Array, Array]:
+        """Prepend the prompt (the model's own `prompt` param, or `prefix`) to the token
+        embeddings x [B, T, E] and its positions to mask [B, T]."""
+        if self.prompt_length:
+            if prefix is not None:
+                raise ValueError("this model has its own prompt; pass no prefix embeddings")
+            prefix = prompts.Prompt(self.prompt_length, self.config.d_model, name="prompt")()
+        if prefix is None:
+            return x, mask
+        if prefix.ndim == 2:
+            prefix = jnp.broadcast_to(prefix[None], (x.shape[0],) + prefix.shape)
+        if prefix_mask is None:
+            prefix_mask = jnp.ones(prefix.shape[:2], dtype=bool)
+        return (jnp.concatenate([prefix.astype(x.dtype), x], axis=1),
+                jnp.concatenate([prefix_mask.astype(bool), mask], axis=1))
 
 
 class Decoder(nn.Module):
@@ -154,7 +165,8 @@ class Decoder(nn.Module):
         once with the full-length `decoder_input_tokens` (see `decoding.py`).
         """
         cfg = self.config
-        y = self.token_embedder(decoder_input_tokens)
+        own = cfg.separate_decoder_embedding  # a table of its own, else the shared one
+        y = (_embed(cfg, "token_embedder") if own else self.token_embedder)(decoder_input_tokens)
         y = dropout(cfg.dropout_rate, deterministic)(y)
         length = y.shape[1]
         relpos = _relpos(cfg)
@@ -182,8 +194,10 @@ class Decoder(nn.Module):
                 y, encoded, self_mask, cross_mask, bias, deterministic, decode)
         y = _norm(cfg, "decoder_norm")(y)
         y = dropout(cfg.dropout_rate, deterministic)(y)
-        if cfg.tie_embeddings:
-            logits = self.token_embedder.attend(y * cfg.d_model**-0.5)
+        if cfg.logits_scaled:
+            y = y * cfg.d_model**-0.5
+        if cfg.tie_embeddings:  # the shared table, even where the inputs have their own
+            logits = self.token_embedder.attend(y)
         else:
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), normal(cfg.d_model**-0.5),
                            cfg.activation_dtype, cfg.weight_dtype, name="logits_dense")(y)
@@ -191,17 +205,20 @@ class Decoder(nn.Module):
 
 
 class T5(nn.Module):
-    """Encoder-decoder T5; `prompt_length > 0` adds a learned prompt to the encoder input."""
+    """Encoder-decoder T5; `prompt_length > 0` adds a learned prompt to the encoder input
+    (`PROMPT_PATH`; `init` draws it uniformly, the jobs set it from `build.PromptInit`)."""
 
     config: T5Config
     prompt_length: int = 0
-    prompt_init: prompts.Initializer = prompts.random_uniform()
 
     def setup(self):
         cfg = self.config
         self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.activation_dtype,
                                     cfg.weight_dtype)
-        self.encoder = Encoder(cfg, self.token_embedder, self.prompt_length, self.prompt_init)
+        # Created even where nothing reads it (both stacks have their own table and the
+        # output layer is untied): checkpoints hold it (HF's `shared.weight`).
+        _ = self.token_embedder.embedding
+        self.encoder = Encoder(cfg, self.token_embedder, self.prompt_length)
         self.decoder = Decoder(cfg, self.token_embedder)
 
     def encode(self, encoder_input_tokens: Array, prefix_embeddings: Array | None = None,
@@ -227,3 +244,13 @@ class T5(nn.Module):
                                     enable_dropout)
         return self.decode(encoded, mask, decoder_input_tokens, decoder_target_tokens,
                            enable_dropout)
+
+
+def abstract_params(config: T5Config, prompt_length: int = 0, *, boxed: bool = False):
+    """The parameter tree of `T5(config, prompt_length)` as ShapeDtypeStructs, allocating
+    nothing. `boxed=True` keeps flax's logical-axis boxes (what the sharding rules read)."""
+    model = T5(config, prompt_length=prompt_length)
+    tokens = jnp.ones((1, 2), jnp.int32)
+    params = jax.eval_shape(lambda r: model.init(r, tokens, tokens)["params"],
+                            jax.random.PRNGKey(0))
+    return params if boxed else nn.unbox(params)
