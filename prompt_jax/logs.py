@@ -37,12 +37,11 @@ class RunLog:
         """Drop lines logged after `step` (a resumed run redoes those steps)."""
         if not self.primary or not os.path.exists(self.path):
             return
+        from prompt_jax.files import write_text_atomically
+
         with open(self.path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
         if not self.primary:

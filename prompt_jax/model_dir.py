@@ -25,6 +25,7 @@ import os
 import shutil
 from typing import Any
 
+from prompt_jax.files import write_text_atomically
 from prompt_jax.logs import is_primary
 
 CONFIG = "config.gin"
@@ -123,7 +124,7 @@ def prepare(model_dir: str, config: str, overwrite: bool) -> None:
 
 def write_config(model_dir: str, config: str) -> None:
     if is_primary():
-        write_text(path(model_dir, CONFIG), f"{CONFIG_HEADER}\n{config}")
+        write_text_atomically(path(model_dir, CONFIG), f"{CONFIG_HEADER}\n{config}")
 
 
 def read_config(model_dir: str) -> str | None:
@@ -182,12 +183,4 @@ def read_json(p: str) -> Any:
 
 def write_json(p: str, obj: Any) -> None:
     """Atomically (a crash leaves the previous file)."""
-    write_text(p, json.dumps(obj, indent=1))
-
-
-def write_text(p: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-    tmp = p + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, p)
+    write_text_atomically(p, json.dumps(obj, indent=1))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -209,19 +208,13 @@ def save_prompt(path: str, prompt: np.ndarray) -> None:
     if prompt.ndim != 2:
         raise ValueError(f"{path}: refusing to save a prompt of shape {prompt.shape}, "
                          "expected [P, E]")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    from prompt_jax.files import write_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
             np.save(f, prompt, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(path, write)
 
 
 # PEFT adapters (`prompt_jax.checkpoints.peft`), imported late: the checkpoint readers

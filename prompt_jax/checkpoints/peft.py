@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from prompt_jax.files import write_atomically
 from prompt_jax.t5.config import T5Config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,19 +60,6 @@ def _model_sizes(base_model_name_or_path: str | None, config: T5Config | None
             raise ValueError(f"{hf_config}: not valid JSON ({e})") from None
         return found.get("d_model"), found.get("num_layers"), found.get("num_heads"), hf_config
     return None, None, None, ""
-
-
-def _write_atomically(path: str, write) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: str | None = None,
@@ -125,10 +112,10 @@ def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: str |
             json.dump(adapter_config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _write_atomically(os.path.join(directory, ADAPTER_WEIGHTS),
+    write_atomically(os.path.join(directory, ADAPTER_WEIGHTS),
                       lambda path: save_file({PROMPT_TENSOR: np.ascontiguousarray(prompt)},
                                              path, metadata={"format": "pt"}))
-    _write_atomically(os.path.join(directory, ADAPTER_CONFIG), write_config)
+    write_atomically(os.path.join(directory, ADAPTER_CONFIG), write_config)
 
 
 def read_adapter_config(directory: str) -> tuple[dict[str, Any], str]:

@@ -51,6 +51,8 @@ import flax
 import jax
 import numpy as np
 
+from prompt_jax.files import write_text_atomically
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
@@ -112,7 +114,7 @@ class TrainStateCheckpointer:
         self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
-            _write_atomically(self._manifest_path(step), json.dumps(
+            write_text_atomically(self._manifest_path(step), json.dumps(
                 {"format": FORMAT, "step": step, "hash": "sha256", "leaves": leaves},
                 indent=1, sort_keys=True))
         _barrier(f"prompt_jax:checksums:{step}")
@@ -277,15 +279,6 @@ def _load_manifest(path: str, step: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _everywhere(ok: bool) -> bool:
