@@ -59,9 +59,13 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
           prompt_files_by_task: Mapping[str, str] | None = None,
           input_file: str | None = None, output_file: str | None = None,
           batch_size: int = 32, max_examples: int | None = None,
-          decoding_spec: DecodingSpec = DecodingSpec(),
+          decoding_spec: DecodingSpec = DecodingSpec(), truncate_inputs: bool = False,
           mesh_shape: Sequence[int] = (-1, 1), seed: int = 0) -> list[dict[str, Any]]:
-    """Write predictions (see the module docstring); returns the records written."""
+    """Write predictions (see the module docstring); returns the records written.
+
+    Inputs are read whole (as the eval job and the reference's infer-eval do) unless
+    `truncate_inputs`, which cuts them to TASK_FEATURE_LENGTHS['inputs'] and says how many.
+    """
     from prompt_jax import data, tasks
 
     output_file = output_file or (model_dir_lib.path(model_dir, model_dir_lib.PREDICTIONS)
@@ -79,10 +83,12 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
     vocab = tasks.get_vocabulary()
 
     examples = _read_examples(input_file, mixture_or_task_name, split, vocab, max_examples)
+    if not truncate_inputs:
+        budget = max(len(e.ids) for e in examples)
     truncated = sum(len(e.ids) > budget for e in examples)
     if truncated:
         print(f"{truncated} of {len(examples)} inputs truncated to {budget} tokens "
-              "(TASK_FEATURE_LENGTHS['inputs'])", flush=True)
+              "(TASK_FEATURE_LENGTHS['inputs'], infer.truncate_inputs)", flush=True)
     if by_task:
         unknown = sorted({e.task for e in examples} - set(by_task))
         if unknown:

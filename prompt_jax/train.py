@@ -31,6 +31,7 @@ from prompt_jax.t5.model import PROMPT_PATH, T5
 from prompt_jax.train_step import (
     LossConfig,
     TrainState,
+    check_num_microbatches,
     initial_state,
     jit_train_step,
     make_train_step,
@@ -66,7 +67,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           eval_examples: int | None = None, eval_batch_size: int | None = None,
           truncate_eval_inputs: bool = False, early_stopping_metric: str | None = None,
           seed: int = 0, data_seed: int = 0, log_period: int = 10,
-          mesh_shape: Sequence[int] = (-1, 1), export_hf: bool = False,
+          mesh_shape: Sequence[int] = (-1, 1), num_microbatches: int = 1, export_hf: bool = False,
           dry_run: bool = False, overwrite: bool = False) -> TrainResult | None:
     """Train; see the module docstring. `optimizer` defaults to the paper's Adafactor.
 
@@ -74,7 +75,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     `prompt_length` positions come on top (the reference's semantics). With `export_hf`,
     the final weights (frozen + trained, without the prompt) are written as a Hugging Face
     directory to MODEL_DIR/hf_export: how a pretraining run hands its model to the next
-    stage (LM adaptation, then prompt tuning).
+    stage (LM adaptation, then prompt tuning). `num_microbatches` accumulates the gradient
+    of each batch over that many microbatches in the step (activation memory of one
+    microbatch; the same update, `train_step.make_train_step`).
     """
     from prompt_jax import data
 
@@ -83,17 +86,20 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     data.check_name(mixture_or_task_name)
     tx = optimizer or optim.adafactor()
     if dry_run:  # a hypothetical mesh: the devices need not exist here
-        _print_memory_plan(model, mesh_shape, batch_size, prompt_length, trainable, lengths, tx)
+        _print_memory_plan(model, mesh_shape, batch_size, prompt_length, trainable, lengths, tx,
+                           num_microbatches)
         return None
     mesh = partitioning.make_mesh(mesh_shape)
     partitioning.check_batch_size(batch_size, mesh.shape["data"])
+    check_num_microbatches(batch_size, mesh.shape["data"], num_microbatches)
     model_dir_lib.prepare(model_dir, gin.config_str(), overwrite)
 
     run = _Run(model_dir, mesh, keep_checkpoints, early_stopping_metric)
     try:
         run.setup_state(model, initial_checkpoint, prompt_length, prompt_init, trainable, tx,
                         seed, mixture_or_task_name)
-        step_fn = jit_train_step(make_train_step(run.model, tx, loss, dropout_seed=seed),
+        step_fn = jit_train_step(make_train_step(run.model, tx, loss, dropout_seed=seed,
+                                                 num_microbatches=num_microbatches),
                                  mesh, run.shardings)
         batches = _train_batches(mixture_or_task_name, lengths, batch_size, mesh, data_seed,
                                  run.start_step)
@@ -237,7 +243,8 @@ class _Run:
                     model_dir_lib.path(self.model_dir, model_dir_lib.HF_EXPORT))
 
     def _where_good(self) -> str:
-        if self.last_good is None:
+        """Names a checkpoint only once it has been read back against its checksums."""
+        if self.last_good is None or not self.checkpointer.verified(self.last_good):
             return "no verified checkpoint of this run yet"
         return f"the last good checkpoint is step {self.last_good} in {self.checkpointer.directory}"
 
@@ -261,17 +268,20 @@ def _check_args(train_steps, batch_size, eval_period, prompt_length, trainable) 
                          "PROMPT_LENGTH > 0 (model tuning sets TRAINABLE=['.*'])")
 
 
-def _print_memory_plan(spec, mesh_shape, batch_size, prompt_length, trainable, lengths, tx):
+def _print_memory_plan(spec, mesh_shape, batch_size, prompt_length, trainable, lengths, tx,
+                       num_microbatches):
     from prompt_jax import memory
 
     shape = partitioning.resolve_mesh_shape(mesh_shape, jax.device_count())
     partitioning.check_batch_size(batch_size, shape[0])
+    check_num_microbatches(batch_size, shape[0], num_microbatches)
     config = spec.config()
     report = memory.memory_report(
         config, shape, prompt_length=prompt_length, trainable_regexes=tuple(trainable),
         batch_size=batch_size, input_length=lengths["inputs"],
         target_length=lengths["targets"], frozen_dtype=config.param_dtype,
-        activation_dtype=config.dtype, tx=tx)
+        activation_dtype=config.dtype, tx=tx, num_microbatches=num_microbatches,
+        remat_policy=config.remat_policy)
     print(memory.format_report(report))
 
 

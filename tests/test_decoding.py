@@ -1,7 +1,9 @@
-"""Greedy and beam search against Hugging Face `generate` on tiny random T5s."""
+"""Greedy and beam search against Hugging Face `generate` on tiny random T5s; sampling's
+reproducibility, truncation and distribution; the cross-attention cache."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,3 +125,144 @@ def test_bad_beam_arguments(models, inputs):
         decoding.beam_search(model, params, jnp.asarray(inputs), 4, early_stopping="sometimes")
     with pytest.raises(ValueError, match="length_penalty_style"):
         decoding.beam_search(model, params, jnp.asarray(inputs), 4, length_penalty_style="gnmt")
+
+
+# ------------------------------------------------------------- sampling
+
+def first_step_log_probs(model, params, enc):
+    """The model's log-probs [B, V] of the first decoded token."""
+    encoded, mask = model.apply({"params": params}, enc, method=T5.encode)
+    cache = decoding.init_cache(model, params, encoded, mask, 1)
+    log_probs, _ = decoding.decode_step(model, params, cache, encoded, mask,
+                                        jnp.zeros(enc.shape[:1], jnp.int32))
+    return np.asarray(log_probs, np.float64)
+
+
+def one_step_draws(model, params, enc_row, draws, **options):
+    """`draws` first tokens sampled for one input (rows of seeds 0 .. draws-1) -> counts [V]."""
+    enc = jnp.asarray(np.repeat(enc_row[None], draws, axis=0))
+    tokens, _ = decoding.sample_decode(model, params, enc, 1, seed=jnp.arange(draws), **options)
+    return np.bincount(np.asarray(tokens)[:, 0], minlength=model.config.vocab_size)
+
+
+def chi_square(counts, probs):
+    """Pearson's statistic and its degrees of freedom; tokens expected < 5 times are pooled."""
+    expected = counts.sum() * probs
+    rare = expected < 5
+    observed = np.append(counts[~rare], counts[rare].sum())
+    expected = np.append(expected[~rare], expected[rare].sum())
+    return ((observed - expected) ** 2 / np.maximum(expected, 1e-12)).sum(), len(observed) - 1
+
+
+def test_sampling_at_temperature_zero_or_top_k_one_is_greedy(models, inputs):
+    _, model, params = models
+    enc = jnp.asarray(inputs)
+    greedy, greedy_scores = decoding.greedy_decode(model, params, enc, STEPS)
+    rows = jnp.arange(inputs.shape[0])
+    for options in (dict(temperature=0.0), dict(top_k=1, seed=rows),
+                    dict(top_p=1e-6, temperature=0.7, seed=rows)):
+        tokens, scores = decoding.sample_decode(model, params, enc, STEPS, **options)
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(greedy), err_msg=options)
+        np.testing.assert_allclose(np.asarray(scores), np.asarray(greedy_scores), atol=1e-6)
+    # Per-row settings: the greedy rows stay greedy beside sampled ones.
+    temperature = jnp.where(rows % 2 == 0, 0.0, 1.0)
+    tokens, _ = decoding.sample_decode(model, params, enc, STEPS, temperature=temperature,
+                                       seed=rows)
+    np.testing.assert_array_equal(np.asarray(tokens)[::2], np.asarray(greedy)[::2])
+    assert (np.asarray(tokens)[1::2] != np.asarray(greedy)[1::2]).any()  # the control
+
+
+def test_sampling_is_reproducible_and_a_row_ignores_its_batch(untied, inputs):
+    _, model, params = untied
+    enc = jnp.asarray(inputs)
+    seeds = jnp.array([11, 12, 13, 14, 15, 16])
+    options = dict(temperature=1.5, top_k=40, top_p=0.95)
+    tokens, scores = decoding.sample_decode(model, params, enc, STEPS, seed=seeds, **options)
+    again, again_scores = decoding.sample_decode(model, params, enc, STEPS, seed=seeds, **options)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(tokens))
+    np.testing.assert_array_equal(np.asarray(again_scores), np.asarray(scores))
+    # Row 2 alone, and first in a reversed batch: the same tokens.
+    alone, alone_score = decoding.sample_decode(model, params, enc[2:3], STEPS, seed=13, **options)
+    np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(tokens)[2])
+    np.testing.assert_allclose(np.asarray(alone_score)[0], np.asarray(scores)[2], atol=1e-5)
+    flipped, _ = decoding.sample_decode(model, params, enc[::-1], STEPS, seed=seeds[::-1],
+                                        **options)
+    np.testing.assert_array_equal(np.asarray(flipped)[::-1], np.asarray(tokens))
+    # The control: other seeds draw other tokens; the score is the model's log-likelihood.
+    other, _ = decoding.sample_decode(model, params, enc, STEPS, seed=seeds + 100, **options)
+    assert (np.asarray(other) != np.asarray(tokens)).any()
+    ll = serving.score_targets(model, params, enc, tokens[:, None])[:, 0]
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(ll), atol=1e-4, rtol=1e-5)
+
+
+def test_top_k_and_top_p_restrict_the_support(untied, inputs):
+    _, model, params = untied
+    probs = np.exp(first_step_log_probs(model, params, jnp.asarray(inputs[:1]))[0])
+    order = np.argsort(-probs)
+    # By hand: the top-p set is the shortest run of the most likely tokens holding top_p.
+    nucleus = lambda p, top_p: set(order[: np.searchsorted(np.cumsum(p[order]), top_p) + 1])
+    top_k = set(order[:5])
+    renormalised = np.where(np.isin(np.arange(len(probs)), order[:5]), probs, 0.0)
+    renormalised /= renormalised.sum()
+    cases = [(dict(top_k=5), top_k), (dict(top_p=0.5), nucleus(probs, 0.5)),
+             (dict(top_k=5, top_p=0.6), nucleus(renormalised, 0.6))]
+    assert len({frozenset(s) for _, s in cases}) == 3 and all(len(s) > 1 for _, s in cases)
+    for options, support in cases:
+        counts = one_step_draws(model, params, inputs[0], 2000, **options)
+        assert set(np.flatnonzero(counts)) == support, options
+
+
+def test_draws_follow_the_tempered_softmax(untied, inputs):
+    """2000 one-token draws from one input at temperatures 1 and 2 against both softmaxes:
+    each passes its own distribution's chi-square bound and fails the other's."""
+    _, model, params = untied
+    log_probs = first_step_log_probs(model, params, jnp.asarray(inputs[:1]))[0]
+    softmax = lambda t: np.exp(log_probs / t) / np.exp(log_probs / t).sum()
+    counts = {t: one_step_draws(model, params, inputs[0], 2000, temperature=t) for t in (1.0, 2.0)}
+    for drawn in (1.0, 2.0):
+        for against in (1.0, 2.0):
+            stat, dof = chi_square(counts[drawn], softmax(against))
+            bound = dof + 5 * np.sqrt(2 * dof)  # far in the tail of chi-square(dof)
+            assert (stat < bound) == (drawn == against), (drawn, against, stat, dof)
+
+
+# ------------------------------------------------------------- the cross-attention cache
+
+def dot_operand_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The left operands' shapes of every dot_general in a jaxpr and its sub-jaxprs."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.invars[0].aval.shape))
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            shapes += dot_operand_shapes(sub)
+    return shapes
+
+
+def test_a_decode_step_projects_nothing_of_the_encoder_output(untied, inputs):
+    """The cross-attention keys and values are made once, in `init_cache`; a step reads them."""
+    _, model, params = untied
+    cfg = model.config
+    encoded, mask = model.apply({"params": params}, jnp.asarray(inputs), method=T5.encode)
+    cache = decoding.init_cache(model, params, encoded, mask, STEPS)
+    previous = jnp.zeros(inputs.shape[:1], jnp.int32)
+    step = jax.make_jaxpr(decoding.decode_step, static_argnums=0)(model, params, cache, encoded,
+                                                                 mask, previous)
+    shapes = dot_operand_shapes(step.jaxpr)
+    assert len(shapes) > 4 * cfg.num_decoder_layers and encoded.shape not in shapes
+    init = jax.make_jaxpr(decoding.init_cache, static_argnums=(0, 4))(model, params, encoded,
+                                                                     mask, STEPS)
+    projections = dot_operand_shapes(init.jaxpr).count(encoded.shape)
+    assert projections == 2 * cfg.num_decoder_layers  # the control: the counter sees them
+    # What XLA compiles of `init_cache` is those projections alone (the dummy decoder call
+    # that creates the cache is dropped), and the cache holds them.
+    compiled = jax.jit(decoding.init_cache, static_argnums=(0, 4)).lower(
+        model, params, encoded, mask, STEPS).compile().as_text()
+    assert compiled.count(" dot(") == 2 * cfg.num_decoder_layers
+    for i in range(cfg.num_decoder_layers):
+        cross = cache["decoder"][f"layers_{i}"]["encoder_decoder_attention"]
+        kernels = params["decoder"][f"layers_{i}"]["encoder_decoder_attention"]
+        for name in ("key", "value"):
+            held = np.asarray(cross[f"cached_cross_{name}"])
+            expected = np.asarray(encoded @ kernels[name]["kernel"]).reshape(held.shape)
+            np.testing.assert_allclose(held, expected, atol=1e-5)

@@ -108,7 +108,7 @@ def _reference_decode(served, texts, beams=1):
     from prompt_jax.t5.model import T5
 
     vocab = tasks.get_vocabulary()
-    rows = [list(vocab.encode(t))[:107] + [1] for t in texts]
+    rows = [list(vocab.encode(t)) + [1] for t in texts]  # infer reads inputs whole
     tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
