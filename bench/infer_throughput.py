@@ -3,6 +3,8 @@ in one pass vs 5 separate passes.
 
     python bench/infer_throughput.py                      # T5 1.1 small shapes, fp32
     python bench/infer_throughput.py --size base --bf16
+    python bench/infer_throughput.py --decode --prompt-length 20 --variants \
+        jax-greedy,jax-greedy-nocross,peft-generate               # greedy decoding only
 
 RTE-like batch (random weights, random input ids): `--batch` 32 examples of 128 input
 tokens + a 100-token prompt, 2 candidate targets "entailment" / "not_entailment"
@@ -22,7 +24,22 @@ scored by its summed token log-likelihood; the prediction is the argmax. Variant
                     activations bf16);
   with --ynn:       jax-rank-ynn: jax-rank with XLA's CPU defaults (YNNPACK fusions on;
                     the jax-* variants run with the XLA flags `prompt-jax` sets).
-Examples/s = examples / median call time (ensembles: B_e examples, each under 5 prompts).
+  with --decode:    greedy decoding of `--decode-length` L tokens for the same batch and
+                    prompt, every row run to L tokens (EOS never ends a row):
+    jax-greedy          `decoding.greedy_decode(..., prefix_embeddings=prompt)`; the
+                        cross-attention keys and values made once, in `init_cache`;
+    jax-greedy-nocross  the same loop as before that cache: each step is handed the cache
+                        without its cross-attention entries, so every step projects the
+                        encoder output again (what `DecoderLayer` did at every step);
+    peft-generate       HF + PEFT `PromptTuningConfig`: `model.generate(max_new_tokens=L,
+                        min_new_tokens=L, num_beams=1, do_sample=False)` (its KV cache on);
+    jax-steps, jax-steps-nocross  the same two, with the steps called one by one from Python
+                        (a jitted `decoding.decode_step` + argmax per token, as a server
+                        that schedules steps does). Inside one compiled loop XLA hoists the
+                        loop-invariant projections of the encoder output out of the loop
+                        by itself, so only step by step does nocross pay for them each step.
+Examples/s = examples / median call time (ensembles: B_e examples, each under 5 prompts);
+decoding: tokens/s = B x L / median call time.
 """
 
 from __future__ import annotations
@@ -37,6 +54,8 @@ LABELS = ("entailment", "not_entailment")
 VOCAB = pathlib.Path(__file__).resolve().parents[1] / "prompt_jax" / "demo_data" / "spiece.model"
 # `LABELS` under the T5 vocabulary, for when sentencepiece is not installed.
 LABEL_IDS = ([3, 35, 5756, 297], [59, 834, 35, 5756, 297])
+DECODE_MODES = ("greedy", "greedy-nocross", "generate", "steps", "steps-nocross")
+NO_EOS = -1  # an id no token has: greedy decoding runs every row to the full length
 
 
 def candidates():
@@ -78,7 +97,7 @@ def setup_jax(spec: dict[str, Any]):
     import jax
     import jax.numpy as jnp
 
-    from prompt_jax import prompts, serving
+    from prompt_jax import decoding, prompts, serving
     from prompt_jax.t5 import T5
 
     cfg = _config(spec)
@@ -92,10 +111,39 @@ def setup_jax(spec: dict[str, Any]):
     tokens = jnp.asarray(_inputs(spec, cfg.vocab_size, spec["batch"]))
     targets = jnp.asarray(candidates())
 
+    length = spec.get("decode_length", 0)
     if spec["mode"] == "rank":
         def run_once():
             jax.block_until_ready(serving.rank_classify(model, params, tokens, targets,
                                                         prompt_set[0]))
+    elif spec["mode"] == "greedy":
+        def run_once():
+            jax.block_until_ready(decoding.greedy_decode(model, params, tokens, length,
+                                                         prompt_set[0], eos_id=NO_EOS))
+    elif spec["mode"] == "greedy-nocross":
+        recomputing = jax.jit(_greedy_recomputing_cross, static_argnums=(0, 3))
+
+        def run_once():
+            jax.block_until_ready(recomputing(model, params, tokens, length, prompt_set[0]))
+    elif spec["mode"] in ("steps", "steps-nocross"):
+        strip = _without_cross if spec["mode"] == "steps-nocross" else (lambda cache: cache)
+        encode = jax.jit(lambda p, t, prefix: model.apply({"params": p}, t, prefix,
+                                                          method=T5.encode))
+
+        @jax.jit
+        def step(p, cache, encoded, mask, previous):
+            log_probs, cache = decoding.decode_step(model, p, strip(cache), encoded, mask,
+                                                    previous)
+            return strip(cache), jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+
+        def run_once():
+            encoded, mask = encode(params, tokens, prompt_set[0])
+            cache = strip(decoding.init_cache(model, params, encoded, mask, length))
+            token, out = jnp.zeros(tokens.shape[:1], jnp.int32), []
+            for _ in range(length):
+                cache, token = step(params, cache, encoded, mask, token)
+                out.append(token)
+            jax.block_until_ready(out)
     elif spec["mode"] == "ens-1pass":
         def run_once():
             serving.ensemble_rank_classify(model, params, tokens, targets, prompt_set)
@@ -104,6 +152,38 @@ def setup_jax(spec: dict[str, Any]):
             jax.block_until_ready([serving.rank_classify(model, params, tokens, targets,
                                                          prompt_set[n]) for n in range(num)])
     return run_once, {}
+
+
+def _without_cross(cache):
+    """The decoding cache less its `cached_cross_*` entries: a decoding step handed it projects
+    the encoder output into the cross-attention keys and values anew."""
+    return {"decoder": {name: {k: v for k, v in layer.items()
+                               if k != "encoder_decoder_attention"}
+                        if isinstance(layer, dict) else layer
+                        for name, layer in cache["decoder"].items()}}
+
+
+def _greedy_recomputing_cross(model, params, tokens, length, prefix):
+    """`decoding.greedy_decode` of `length` steps (no EOS) with the cross-attention keys and
+    values recomputed at every step, as before they were cached -> tokens [B, length]."""
+    import jax
+    import jax.numpy as jnp
+
+    from prompt_jax import decoding
+    from prompt_jax.t5 import T5
+
+    encoded, mask = model.apply({"params": params}, tokens, prefix, method=T5.encode)
+    cache = _without_cross(decoding.init_cache(model, params, encoded, mask, length))
+
+    def body(step, carry):
+        cache, previous, out = carry
+        log_probs, cache = decoding.decode_step(model, params, cache, encoded, mask, previous)
+        token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+        return _without_cross(cache), token, out.at[:, step].set(token)
+
+    start = (cache, jnp.zeros(tokens.shape[:1], jnp.int32),
+             jnp.zeros((tokens.shape[0], length), jnp.int32))
+    return jax.lax.fori_loop(0, length, body, start)[2]
 
 
 def setup_peft(spec: dict[str, Any]):
@@ -134,7 +214,14 @@ def setup_peft(spec: dict[str, Any]):
         ll = torch.log_softmax(logits.float(), -1).gather(-1, tgt[..., None])[..., 0]
         return torch.where(tgt > 0, ll, 0.0).sum(-1)
 
-    if spec["mode"] == "rank":
+    if spec["mode"] == "generate":
+        length = spec["decode_length"]
+
+        def run_once():
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=length,
+                               min_new_tokens=length, num_beams=1, do_sample=False)
+    elif spec["mode"] == "rank":
         def run_once():
             with torch.inference_mode():
                 # PEFT's forward for prompt tuning: prompt rows, then the input embeddings.
@@ -175,6 +262,13 @@ def variants(args) -> dict[str, dict[str, Any]]:
                                     dtype="bfloat16")
     if args.ynn:
         out["jax-rank-ynn"] = dict(base, kind="jax", mode="rank", ynn=True)
+    if args.decode:
+        dec = dict(base, decode_length=args.decode_length)
+        out["jax-greedy"] = dict(dec, kind="jax", mode="greedy")
+        out["jax-greedy-nocross"] = dict(dec, kind="jax", mode="greedy-nocross")
+        out["peft-generate"] = dict(dec, kind="peft", mode="generate")
+        out["jax-steps"] = dict(dec, kind="jax", mode="steps")
+        out["jax-steps-nocross"] = dict(dec, kind="jax", mode="steps-nocross")
     if args.variants:
         keep = args.variants.split(",")
         unknown = set(keep) - set(out)
@@ -192,6 +286,8 @@ def report(args, specs, workers, peak: common.MatmulPeak) -> None:
     rows, per_s = [], {}
     for name, w in workers.items():
         spec = specs[name]
+        if spec["mode"] in DECODE_MODES:
+            continue
         enc_rows = spec["batch"] * spec["num_prompts"]
         passes = C if spec["mode"] == "percand" else 1
         enc_b, dec_b = enc_rows * passes, enc_rows * C
@@ -207,15 +303,17 @@ def report(args, specs, workers, peak: common.MatmulPeak) -> None:
                      f"{100 * flops / w.cpu_median / peak.flops_per_cpu_s(spec['dtype']):.0f}%",
                      f"{w.info['warmup_seconds'][0]:.1f}" if w.info["warmup_seconds"] else "n/a",
                      common.mib(w.info["step_delta_rss"]), common.mib(w.info["peak_rss"])])
-    print()
-    print(common.table(
-        ["variant", "weights/acts", "examples", "encoder x decoder rows", "call s (median)",
-         "min–max", "CPU s", "examples/s", "model GFLOP", "GFLOP/s", "% of peak",
-         "% of peak per CPU-s", "first call s",
-         "ΔRSS MiB", "peak RSS MiB"], rows))
-    print(f"\ncandidates {LABELS} -> ids {candidates().tolist()}")
+    if rows:  # none where only decoding variants ran
+        print()
+        print(common.table(
+            ["variant", "weights/acts", "examples", "encoder x decoder rows", "call s (median)",
+             "min–max", "CPU s", "examples/s", "model GFLOP", "GFLOP/s", "% of peak",
+             "% of peak per CPU-s", "first call s",
+             "ΔRSS MiB", "peak RSS MiB"], rows))
+        print(f"\ncandidates {LABELS} -> ids {candidates().tolist()}")
     print(peak.describe())
-    print("\nratios of medians:")
+    if rows:
+        print("\nratios of medians:")
     for other in ("peft-rank", "peft-rank-percand"):
         if {"jax-rank", other} <= set(per_s):
             print(f"  jax-rank / {other} examples/s{' ' * (18 - len(other))}"
@@ -231,13 +329,49 @@ def report(args, specs, workers, peak: common.MatmulPeak) -> None:
             print(f"  {name} / jax-rank examples/s{' ' * (16 - len(name))}"
                   f"{per_s[name] / per_s['jax-rank']:5.2f}  (inverse "
                   f"{common.per_round(workers['jax-rank'], workers[name])})")
+    report_decoding(args, specs, workers)
     print("load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+def report_decoding(args, specs, workers) -> None:
+    """The greedy-decoding variants' table and ratios (tokens/s = B x L / call time)."""
+    names = [n for n in workers if specs[n]["mode"] in DECODE_MODES]
+    if not names:
+        return
+    tokens_per_s = {n: specs[n]["batch"] * specs[n]["decode_length"] / workers[n].median
+                    for n in names}
+    first = lambda w: f"{w.info['warmup_seconds'][0]:.2f}" if w.info["warmup_seconds"] else "n/a"
+    print(f"\ngreedy decoding of {args.decode_length} tokens, batch {args.batch}, inputs "
+          f"{args.input_length} + prompt {args.prompt_length}:")
+    print(common.table(
+        ["variant", "dtypes", "call s (median)", "min–max", "CPU s", "tokens/s", "first call s",
+         "ΔRSS MiB", "peak RSS MiB"],
+        [[n, common.dtypes(specs[n]), f"{workers[n].median:.2f}",
+          common.spread(workers[n].times), f"{workers[n].cpu_median:.2f}",
+          f"{tokens_per_s[n]:.1f}", first(workers[n]),
+          common.mib(workers[n].info.get("step_delta_rss")),
+          common.mib(workers[n].info.get("peak_rss"))] for n in names]))
+    print("ratios of medians:")
+    for num, den, what in (("jax-greedy", "jax-greedy-nocross", "cross-attention cache speed-up"),
+                           ("jax-greedy", "peft-generate", "jax-greedy / peft-generate"),
+                           ("jax-greedy-nocross", "peft-generate",
+                            "jax-greedy-nocross / peft-generate"),
+                           ("jax-steps", "jax-steps-nocross",
+                            "cross-attention cache speed-up, step by step")):
+        if {num, den} <= set(names):
+            print(f"  {what} tokens/s{' ' * (46 - len(what))}"
+                  f"{tokens_per_s[num] / tokens_per_s[den]:5.2f}  (inverse "
+                  f"{common.per_round(workers[den], workers[num])})")
 
 
 def main() -> None:
     p = common.parser(__doc__.split("\n")[0], "call")
     p.add_argument("--ensemble-batch", type=int, default=8)
     p.add_argument("--num-prompts", type=int, default=5)
+    p.add_argument("--decode", action="store_true",
+                   help="add the greedy-decoding variants (jax-greedy, jax-greedy-nocross, "
+                        "peft-generate)")
+    p.add_argument("--decode-length", type=int, default=16)
     args = p.parse_args()
 
     info = common.machine_info()

@@ -40,17 +40,20 @@ class ModelSpec:
     checked against the checkpoint); without one (a randomly initialised run) `size` is
     required. `param_dtype` is the dtype the frozen weights are held in (bfloat16 halves
     their memory); the prompt and its optimizer state are always float32.
+    `remat_policy` (none | full | dots, `T5Config.remat_policy`) trades the backward pass's
+    activation memory for recomputation; the numerics are the same under each.
     """
 
     size: str | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     dropout_rate: float = 0.1
+    remat_policy: str = "none"
 
     def numerics(self) -> dict[str, Any]:
         """What the spec sets whatever the architecture."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                    dropout_rate=self.dropout_rate)
+                    dropout_rate=self.dropout_rate, remat_policy=self.remat_policy)
 
     def config(self) -> T5Config:
         if self.size is None:
@@ -80,8 +83,8 @@ class ModelSpec:
 
 
 # Fields a T5Config takes from the run (or the size) rather than from a checkpoint's shapes.
-_NOT_FROM_CHECKPOINT = ("dtype", "param_dtype", "dropout_rate", "relative_attention_max_distance",
-                        "layer_norm_epsilon")
+_NOT_FROM_CHECKPOINT = ("dtype", "param_dtype", "dropout_rate", "remat_policy",
+                        "relative_attention_max_distance", "layer_norm_epsilon")
 
 
 @gin.configurable

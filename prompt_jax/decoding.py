@@ -1,9 +1,15 @@
-"""Autoregressive decoding with the decoder's KV cache: greedy and beam search.
+"""Autoregressive decoding with the decoder's KV cache: greedy, sampling and beam search.
 
 `encode` once, then one `T5.decode(..., decode=True)` step per token against
-the `cache` collection. Tokens after EOS are 0 (padding), as in seqio. Both
-loops are `lax.while_loop`s that stop as soon as every sequence is done; the
-results are those of running all `max_decode_length` steps.
+the `cache` collection (`init_cache`): per decoder layer, the self-attention keys
+and values written so far, and the cross-attention keys and values of the encoder
+output, projected once when the cache is made. Tokens after EOS are 0 (padding),
+as in seqio. The loops are `lax.while_loop`s that stop as soon as every sequence
+is done; the results are those of running all `max_decode_length` steps.
+
+Sampling (`sample_decode`) draws row b's token at step t with the key
+`fold_in(PRNGKey(seed[b]), t)`: a row's tokens are a function of its own inputs,
+prompt and seed, whatever else is in the batch and wherever the row is in it.
 
 Beam search follows Hugging Face `generate(num_beams=K)` step for step (the
 top 2K continuations of all beams; the best K that did not just end stay live;
@@ -46,13 +52,25 @@ _STYLES = ("hf", "t5x")
 
 def init_cache(model: T5, params: Any, encoded: Array, encoder_mask: Array,
                max_decode_length: int) -> Any:
-    """A zeroed cache for decoding up to `max_decode_length` tokens."""
-    batch = encoded.shape[0]
-    shapes = jax.eval_shape(
-        lambda: model.apply({"params": params}, encoded, encoder_mask,
-                            jnp.zeros((batch, max_decode_length), jnp.int32), decode=True,
-                            method=T5.decode, mutable=["cache"])[1]["cache"])
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    """The cache for decoding up to `max_decode_length` (L) tokens from encoded [B, S, E].
+
+    Per layer `layers_i`: `self_attention/{cached_key, cached_value}` [B, L, H, D] zeroed
+    and its `cache_index`; `encoder_decoder_attention/{cached_cross_key,
+    cached_cross_value}` [B, S, H, D], the encoder output's keys and values; and the
+    decoder's `position`.
+    """
+    return _init_cache(model, params, encoded, encoder_mask, max_decode_length)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _init_cache(model, params, encoded, encoder_mask, max_decode_length):
+    # The decode-mode call that creates the cache runs the decoder on dummy tokens; nothing
+    # reads that output, so XLA drops it, and what is computed is the cross-attention
+    # projection of `encoded` (the self-attention entries are constant zeros).
+    tokens = jnp.zeros((encoded.shape[0], max_decode_length), jnp.int32)
+    _, variables = model.apply({"params": params}, encoded, encoder_mask, tokens, decode=True,
+                               method=T5.decode, mutable=["cache"])
+    return variables["cache"]
 
 
 def decode_step(model: T5, params: Any, cache: Any, encoded: Array, encoder_mask: Array,
@@ -72,11 +90,80 @@ def greedy_decode(model: T5, params: Any, encoder_input_tokens: Array, max_decod
                           prefix_embeddings, prefix_mask, eos_id)
 
 
+def sample_decode(model: T5, params: Any, encoder_input_tokens: Array, max_decode_length: int,
+                  prefix_embeddings: Array | None = None, prefix_mask: Array | None = None, *,
+                  temperature: float | Array = 1.0, top_k: int | Array = 0,
+                  top_p: float | Array = 1.0, seed: int | Array = 0,
+                  eos_id: int = EOS_ID) -> tuple[Array, Array]:
+    """Sampling -> (tokens [B, max_decode_length], sum of the drawn tokens' log-probs [B]).
+
+    Each step draws from softmax(logits / temperature) cut to the `top_k` most likely
+    tokens (0: no cut), then to the smallest set of the most likely whose probability
+    (renormalised after the top-k cut) reaches `top_p` (HF's order; ties at either
+    boundary are kept). `temperature=0` takes the argmax: `greedy_decode`'s tokens.
+    `temperature`, `top_k`, `top_p` and `seed` are each a scalar or one value per row
+    [B] (a server batches requests of different settings); they are traced, so changing
+    them does not recompile. Row b's draws come from `PRNGKey(seed[b])` alone (see the
+    module docstring): the same seed gives the same tokens, alone or in any batch; a
+    scalar seed gives every row the same stream, so pass e.g. `seed + jnp.arange(B)` for
+    independent samples of one input. The score is under the model's own distribution
+    (neither tempered nor cut), as for greedy and beam search.
+    """
+    rows = (encoder_input_tokens.shape[0],)
+    options = (jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), rows),
+               jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), rows),
+               jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), rows),
+               jnp.broadcast_to(jnp.asarray(seed, jnp.uint32), rows))
+    return _sample_decode(model, params, encoder_input_tokens, max_decode_length,
+                          prefix_embeddings, prefix_mask, eos_id, *options)
+
+
 # The jitted bodies take every argument positionally: jit keys its cache on how the
 # static arguments were passed, so the public wrappers keep one calling form.
 @functools.partial(jax.jit, static_argnums=(0, 3, 6))
 def _greedy_decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
                    prefix_mask, eos_id):
+    argmax = lambda log_probs, step: jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+    return _decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
+                   prefix_mask, eos_id, argmax)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 6))
+def _sample_decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
+                   prefix_mask, eos_id, temperature, top_k, top_p, seed):
+    keys = jax.vmap(jax.random.PRNGKey)(seed)
+    draw = lambda log_probs, step: _draw(log_probs, jax.vmap(jax.random.fold_in, (0, None))(
+        keys, step), temperature, top_k, top_p)
+    return _decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
+                   prefix_mask, eos_id, draw)
+
+
+def _draw(log_probs: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array
+          ) -> Array:
+    """One token per row of log_probs [B, V], with keys [B] and per-row options [B] -> [B]."""
+    x = log_probs / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+    def cut(x):
+        ranked = -jnp.sort(-x, axis=-1)
+        kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, x.shape[-1] - 1)[:, None], -1)
+        below_k = lambda v: (top_k[:, None] > 0) & (v < kth)
+        x, ranked = jnp.where(below_k(x), -jnp.inf, x), jnp.where(below_k(ranked), -jnp.inf, ranked)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # the mass ranked above each token
+        # The most likely token is always kept; top_p = 1 keeps everything, exactly.
+        keep = (before < top_p[:, None]) | (jnp.arange(x.shape[-1]) == 0) | (top_p[:, None] >= 1)
+        cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(x < cutoff, -jnp.inf, x)
+
+    # The sort only where some row cuts; the rows that do not are left exactly as they are.
+    x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), cut, lambda x: x, x)
+    drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
+
+
+def _decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
+            prefix_mask, eos_id, choose):
+    """The greedy and sampling loop; `choose(log_probs [B, V], step) -> tokens [B]`."""
     encoded, mask = model.apply({"params": params}, encoder_input_tokens, prefix_embeddings,
                                 prefix_mask, method=T5.encode)
     batch = encoder_input_tokens.shape[0]
@@ -89,7 +176,7 @@ def _greedy_decode(model, params, encoder_input_tokens, max_decode_length, prefi
     def body(carry):
         step, cache, previous, done, score, tokens = carry
         log_probs, cache = decode_step(model, params, cache, encoded, mask, previous)
-        token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+        token = choose(log_probs, step)
         score = score + jnp.where(done, 0.0, jnp.take_along_axis(log_probs, token[:, None],
                                                                   axis=-1)[:, 0])
         token = jnp.where(done, 0, token)
@@ -107,6 +194,17 @@ def _penalty(length: Array, alpha: Array, t5x_style: Array) -> Array:
     """What a summed log-probability of `length` generated tokens is divided by."""
     length, alpha = jnp.asarray(length, jnp.float32), jnp.asarray(alpha, jnp.float32)
     return jnp.where(t5x_style, ((5.0 + length) / 6.0) ** alpha, length**alpha)
+
+
+def _reorder(cache: Any, rows: Array) -> Any:
+    """The cache's beam rows `rows` [B*K]. The cross-attention keys and values stay: every
+    beam of an example holds the same ones, and `rows` only moves beams within an example."""
+    def pick(path, x):
+        if x.ndim == 0 or str(getattr(path[-1], "key", "")).startswith("cached_cross_"):
+            return x
+        return x[rows]
+
+    return jax.tree_util.tree_map_with_path(pick, cache)
 
 
 def _gather(x: Array, indices: Array) -> Array:
@@ -153,9 +251,11 @@ def _beam_search(model, params, encoder_input_tokens, max_decode_length, num_bea
     encoded, mask = model.apply({"params": params}, encoder_input_tokens, prefix_embeddings,
                                 prefix_mask, method=T5.encode)
     batch, k, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
-    # Beams of example b are rows b*K .. b*K+K-1 of the flat decoder batch.
+    # Beams of example b are rows b*K .. b*K+K-1 of the flat decoder batch; the cross-attention
+    # keys and values are projected once per example, then repeated.
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x,
+                         init_cache(model, params, encoded, mask, length))
     encoded, mask = jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0)
-    cache = init_cache(model, params, encoded, mask, length)
     top_k_of_2k = jnp.arange(2 * k) < k
 
     def cond(state):
@@ -178,7 +278,7 @@ def _beam_search(model, params, encoder_input_tokens, max_decode_length, num_bea
         _, keep = jax.lax.top_k(running, k)
         live_seqs, live_scores = _gather(candidates, keep), _gather(running, keep)
         rows = (jnp.arange(batch)[:, None] * k + _gather(source, keep)).reshape(-1)
-        cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, cache)  # not the indices
+        cache = _reorder(cache, rows)
 
         # Finished set: merge the candidates among the top K that just ended.
         just_finished = ends & top_k_of_2k[None]

@@ -14,7 +14,8 @@ Each array's per-device size is its shape with every sharded dimension divided (
 up) by its mesh axes' size, as `partitioning.logical_to_spec` shards it.
 
 Activation estimate: the tensors a backward pass without rematerialisation keeps, per
-data shard (B/data examples). With S = P + input_length encoder positions, L =
+data shard and microbatch (B = batch / (data · num_microbatches) examples: the step runs
+forward and backward on one microbatch at a time). With S = P + input_length encoder positions, L =
 target_length, E d_model, H heads, D d_kv, F d_ff, V vocab, `a` the activation dtype's
 bytes and probabilities/logits in float32 (as the model computes them):
   per encoder layer:  2 [B,S,E]·a (the two norms' inputs)  + 3 [B,S,H,D]·a (q, k, v)
@@ -27,8 +28,25 @@ That is what the gradient with respect to the *inputs* needs (prompt tuning comp
 weight gradients). When a matrix weight is trainable (model tuning), the matmuls' inputs
 are kept too: per encoder layer + 2 [B,S,E]·a + [B,S,H,D]·a + [B,S,F]·a, per decoder layer
 + 3 [B,L,E]·a + 2 [B,L,H,D]·a + [B,L,F]·a. Heads, d_ff and vocab dimensions are divided
-by the model-axis size as the rules shard them. Not counted: dropout masks (1 byte per
-element of each dropped tensor), XLA's temporaries, the compiled program.
+by the model-axis size as the rules shard them.
+
+With a `remat_policy` (`prompt_jax.t5.model`) a layer keeps less, and the backward pass
+recomputes one layer at a time, so one layer's tensors above (the larger of an encoder's
+and a decoder's) are counted once on top:
+  full: per layer its input only, [B,S,E]·a (encoder) or [B,L,E]·a (decoder; the encoded
+        [B,S,E] all decoder layers read is counted once, with the final norms' inputs);
+  dots: the input and the outputs of the matmuls without batch dimensions:
+        per encoder layer  2 [B,S,E]·a (input, attention out) + 3 [B,S,H,D]·a (q, k, v)
+                           + 2 [B,S,F]·a (wi_0, wi_1; ReLU: 1) + [B,S,E]·a (wo),
+        per decoder layer  3 [B,L,E]·a (input, two attention outs) + 4 [B,L,H,D]·a
+                           + 2 [B,S,H,D]·a + 2 [B,L,F]·a (ReLU: 1) + [B,L,E]·a (wo).
+Model tuning adds the kept matmul inputs above under `none` only (under `full`/`dots` they
+are recomputed or are among the saved dot outputs). Not counted: dropout masks (1 byte per
+element of each dropped tensor), XLA's temporaries, the compiled program. Against XLA's
+own `memory_analysis()` of the compiled step on CPU (tests/test_memory.py, small configs,
+XLA's memory-minimising scheduler): parameters and optimizer state exact; the compiled
+temporaries 0.74x..1.95x this activation estimate (`dots` over-, `none`/`full` under-
+counted), so leave the activations a 2x margin.
 """
 
 from __future__ import annotations
@@ -53,8 +71,9 @@ from prompt_jax.partitioning import (
     opt_state_specs,
     params_specs,
 )
-from prompt_jax.t5.config import T5Config
+from prompt_jax.t5.config import REMAT_POLICIES, T5Config
 from prompt_jax.t5.model import abstract_params
+from prompt_jax.train_step import check_num_microbatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +118,8 @@ def _entry(shapes: Sequence[tuple[Sequence[int], Any, int]], axis_sizes: dict[st
 
 
 def _activation_tensors(cfg: T5Config, batch: int, enc_len: int, dec_len: int, a: int,
-                        weight_grads: bool) -> list[tuple[tuple[int, ...], tuple, int]]:
+                        weight_grads: bool, remat_policy: str = "none"
+                        ) -> list[tuple[tuple[int, ...], tuple, int]]:
     """(shape, logical axes, itemsize) of each kept tensor; see the module docstring."""
     B, S, L, E, H, D, F, V = (batch, enc_len, dec_len, cfg.d_model, cfg.num_heads, cfg.d_kv,
                               cfg.d_ff, cfg.vocab_size)
@@ -117,6 +137,18 @@ def _activation_tensors(cfg: T5Config, batch: int, enc_len: int, dec_len: int, a
         dec += [((B, L, E), emb, a)] * 3 + [((B, L, H, D), heads, a)] * 2 + [((B, L, F), mlp, a)]
     once = [((B, S, E), emb, a), ((B, L, E), emb, a),
             ((B, L, V), ("batch", "length", "vocab"), 4)]
+    if remat_policy != "none":
+        # One layer recomputed at a time: its full set once, on top of what each layer keeps.
+        size = lambda ts: sum(math.prod(s) * b for s, _, b in ts)
+        once += max(enc, dec, key=size)
+        mlp_dots = mlp_kept - 1  # wi_0, wi_1 (gated) or wi
+        if remat_policy == "full":
+            enc, dec = [((B, S, E), emb, a)], [((B, L, E), emb, a)]
+        else:
+            enc = [((B, S, E), emb, a)] * 3 + [((B, S, H, D), heads, a)] * 3 \
+                + [((B, S, F), mlp, a)] * mlp_dots
+            dec = [((B, L, E), emb, a)] * 4 + [((B, L, H, D), heads, a)] * 4 \
+                + [((B, S, H, D), heads, a)] * 2 + [((B, L, F), mlp, a)] * mlp_dots
     return enc * cfg.num_encoder_layers + dec * cfg.num_decoder_layers + once
 
 
@@ -125,11 +157,13 @@ def memory_report(config: T5Config, mesh_shape: tuple[int, int], *, prompt_lengt
                   batch_size: int = 32, input_length: int = 512, target_length: int = 8,
                   frozen_dtype: Any = "bfloat16", activation_dtype: Any = "bfloat16",
                   tx: optax.GradientTransformation | None = None,
+                  num_microbatches: int = 1, remat_policy: str | None = None,
                   rules: Rules = LOGICAL_AXIS_RULES) -> Report:
     """Per-device memory of training `T5(config, prompt_length)` on a `mesh_shape` mesh.
 
     `input_length` counts the text tokens only (TASK_FEATURE_LENGTHS['inputs']); the encoder
-    sees `prompt_length + input_length`.
+    sees `prompt_length + input_length`. `num_microbatches` as `train.num_microbatches`;
+    `remat_policy` defaults to `config.remat_policy`.
     `tx` defaults to `optim.adafactor()`. Needs no devices of that mesh.
     """
     if len(mesh_shape) != 2 or any(int(s) < 1 for s in mesh_shape):
@@ -137,6 +171,10 @@ def memory_report(config: T5Config, mesh_shape: tuple[int, int], *, prompt_lengt
                          "(data, model)")
     axis_sizes = dict(zip(MESH_AXES, (int(s) for s in mesh_shape), strict=True))
     check_batch_size(batch_size, axis_sizes["data"], "batch size")
+    check_num_microbatches(batch_size, axis_sizes["data"], num_microbatches)
+    remat_policy = config.remat_policy if remat_policy is None else remat_policy
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={remat_policy!r} is not one of {REMAT_POLICIES}")
     boxed = abstract_params(config, prompt_length, boxed=True)
     specs = params_specs(boxed, axis_sizes, rules)
     abstract = nn.unbox(boxed)
@@ -161,15 +199,17 @@ def memory_report(config: T5Config, mesh_shape: tuple[int, int], *, prompt_lengt
 
     weight_grads = any(len(x.shape) >= 2 and "prompt" not in k
                        for k, x in optim.flatten(trainable).items())
-    tensors = _activation_tensors(config, batch_size, prompt_length + input_length,
-                                  target_length, jnp.dtype(activation_dtype).itemsize,
-                                  weight_grads)
+    tensors = _activation_tensors(config, batch_size // num_microbatches,
+                                  prompt_length + input_length, target_length,
+                                  jnp.dtype(activation_dtype).itemsize, weight_grads,
+                                  remat_policy)
     act_entry = _entry([(s, logical_to_spec(n, s, axis_sizes, rules, "activation"), b)
                         for s, n, b in tensors], axis_sizes)
     settings = dict(prompt_length=prompt_length, trainable=list(trainable_regexes),
                     batch_size=batch_size, input_length=input_length,
                     target_length=target_length, frozen_dtype=jnp.dtype(frozen_dtype).name,
-                    activation_dtype=jnp.dtype(activation_dtype).name)
+                    activation_dtype=jnp.dtype(activation_dtype).name,
+                    num_microbatches=num_microbatches, remat_policy=remat_policy)
     return Report(tuple(int(s) for s in mesh_shape), frozen_entry, trainable_entry, opt_entry,
                   act_entry, settings)
 
@@ -190,7 +230,9 @@ def format_report(report: Report) -> str:
         f"mesh (data={data}, model={model}), {data * model} devices; batch {s['batch_size']}, "
         f"inputs {s['input_length']} + prompt {s['prompt_length']}, targets "
         f"{s['target_length']}; frozen {s['frozen_dtype']}, activations "
-        f"{s['activation_dtype']}; trainable {s['trainable']}",
+        f"{s['activation_dtype']}; trainable {s['trainable']}; "
+        f"{s['num_microbatches']} microbatch(es) of {s['batch_size'] // s['num_microbatches']}, "
+        f"remat {s['remat_policy']}",
         f"{'':<28}{'elements':>16}{'global':>14}{'per device':>14}",
     ]
     rows = [("frozen parameters", report.frozen_params),

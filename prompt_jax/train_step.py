@@ -14,6 +14,12 @@ Batches are dicts of seqio's model features: `encoder_input_tokens` [B, T],
     step = jit_train_step(make_train_step(model, tx), mesh, shardings)
     state, metrics = step(state, frozen, partitioning.global_batch(local_batch, mesh))
 
+With `num_microbatches=k` the step splits the batch into k microbatches of B/k rows
+(row j goes to microbatch j mod k, so each holds B/(k·data) rows on every data shard),
+runs forward and backward on each in turn (`jax.lax.scan`: activations of one microbatch
+at a time), sums their gradients and applies one optimizer update. The objective is a sum
+over tokens, so the summed gradient is the full batch's, up to float32 summation order.
+
 Metrics of a step: `loss` (cross-entropy per target token, the meaning `loss` has on
 eval lines too), `objective` (what is differentiated: t5x's summed loss, z-loss
 included), `z_loss`, `num_tokens`, `token_accuracy`, `grad_norm`.
@@ -33,6 +39,7 @@ import optax
 from prompt_jax import losses, optim, partitioning
 from prompt_jax.optim import merge_params
 from prompt_jax.pytree import flatten
+from prompt_jax.t5.layers import constrain
 from prompt_jax.t5.model import T5, abstract_params
 
 Array = jax.Array
@@ -82,29 +89,83 @@ def compute_loss(model: T5, params: Any, batch: Batch, loss_config: LossConfig,
     return objective, metrics
 
 
+def check_num_microbatches(batch_size: int, data_parallel: int, num_microbatches: int) -> None:
+    """Each data shard's rows must split evenly into the microbatches."""
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"train.num_microbatches must be a positive integer, got "
+                         f"{num_microbatches!r}")
+    per_shard = batch_size // data_parallel
+    if per_shard % num_microbatches:
+        raise ValueError(f"BATCH_SIZE={batch_size} gives {per_shard} examples per data shard "
+                         f"(of {data_parallel}), not divisible by train.num_microbatches="
+                         f"{num_microbatches}")
+
+
 def make_train_step(model: T5, tx: optax.GradientTransformation,
-                    loss_config: LossConfig = LossConfig(), dropout_seed: int = 0
+                    loss_config: LossConfig = LossConfig(), dropout_seed: int = 0,
+                    num_microbatches: int = 1
                     ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, Array]]]:
     """`train_step(state, frozen, batch) -> (state, metrics)`, not yet jitted.
 
-    Dropout randomness is `fold_in(PRNGKey(dropout_seed), step)`, so a resumed run
-    draws the same masks as an uninterrupted one.
+    Dropout randomness is `fold_in(PRNGKey(dropout_seed), step)` (microbatch i of k > 1:
+    folded in again with i), so a resumed run draws the same masks as an uninterrupted one.
+    `num_microbatches` must divide the batch (per data shard: `check_num_microbatches`).
     """
     base_rng = jax.random.PRNGKey(dropout_seed)
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
 
     def train_step(state: TrainState, frozen: Any, batch: Batch):
         rng = jax.random.fold_in(base_rng, state.step)
 
-        def loss_fn(trainable):
+        def loss_fn(trainable, batch, rng):
             return compute_loss(model, merge_params(trainable, frozen), batch, loss_config, rng)
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if num_microbatches == 1:
+            (_, metrics), grads = grad_fn(state.trainable, batch, rng)
+        else:
+            grads, metrics = _accumulate(grad_fn, state.trainable, batch, rng,
+                                         num_microbatches, loss_config)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     return train_step
+
+
+def _accumulate(grad_fn: Callable, trainable: Any, batch: Batch, rng: Array, k: int,
+                loss_config: LossConfig) -> tuple[Any, dict[str, Array]]:
+    """(Σ of the k microbatches' gradients, the whole batch's metrics)."""
+    size = batch["encoder_input_tokens"].shape[0]
+    if size % k:
+        raise ValueError(f"a batch of {size} rows does not split into num_microbatches={k}")
+
+    def split(x):  # [B, ...] -> [k, B/k, ...]; microbatch i holds rows i, i + k, ...
+        x = jnp.swapaxes(x.reshape((size // k, k) + x.shape[1:]), 0, 1)
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    def body(carry, xs):
+        grads, sums = carry
+        micro, i = xs
+        (_, m), g = grad_fn(trainable, micro, jax.random.fold_in(rng, i))
+        m["token_correct"] = m.pop("token_accuracy") * m["num_tokens"]
+        del m["loss"]
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, m)), None
+
+    zeros = jnp.zeros((), jnp.float32)
+    sums = dict(objective=zeros, z_loss=zeros, num_tokens=zeros, token_correct=zeros)
+    carry = (jax.tree.map(jnp.zeros_like, trainable), sums)
+    (grads, sums), _ = jax.lax.scan(body, carry, (jax.tree.map(split, batch), jnp.arange(k)))
+    # Per-token metrics of the whole batch, as `compute_loss` computes them for one.
+    n = sums["num_tokens"]
+    normalizer = loss_config.loss_normalizing_factor or 1.0
+    metrics = {"loss": (sums["objective"] - sums["z_loss"]) * normalizer / jnp.maximum(n, 1.0),
+               "objective": sums["objective"], "z_loss": sums["z_loss"], "num_tokens": n,
+               "token_accuracy": jnp.where(n > 0, sums["token_correct"] / jnp.maximum(n, 1e-30),
+                                           0.0)}
+    return grads, metrics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,11 +123,11 @@ def _measure_compiled() -> dict:
     from prompt_jax.t5 import T5
 
     out = {}
-    for name, overrides, b, t, l, p, cases in SMALL:
+    for name, overrides, b, t, tl, p, cases in SMALL:
         for policy, k in cases:
             cfg = tiny_config(remat_policy=policy, **overrides)
             model = T5(cfg, prompt_length=p)
-            enc, dec = jnp.ones((b, t), jnp.int32), jnp.ones((b, l), jnp.int32)
+            enc, dec = jnp.ones((b, t), jnp.int32), jnp.ones((b, tl), jnp.int32)
             params = flax.linen.unbox(jax.eval_shape(
                 lambda r, m=model, e=enc, d=dec: m.init(r, e[:1], d[:1])["params"],
                 jax.random.PRNGKey(0)))
@@ -140,7 +140,7 @@ def _measure_compiled() -> dict:
             step = train_step.make_train_step(model, tx, num_microbatches=k)
             compiled = jax.jit(step).lower(state, frozen, batch).compile().memory_analysis()
             report = memory.memory_report(
-                cfg, (1, 1), prompt_length=p, batch_size=b, input_length=t, target_length=l,
+                cfg, (1, 1), prompt_length=p, batch_size=b, input_length=t, target_length=tl,
                 frozen_dtype=cfg.param_dtype, activation_dtype=cfg.dtype, tx=tx,
                 num_microbatches=k)
             held = (report.frozen_params.device_bytes + report.trainable_params.device_bytes

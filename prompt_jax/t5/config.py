@@ -14,6 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16", "float16")
+# What the backward pass keeps of each encoder/decoder layer (`T5Config.remat_policy`).
+REMAT_POLICIES = ("none", "full", "dots")
 
 # Where a prompt-tuned T5 keeps its prompt `[P, E]` (t5x/flaxformer's name); a constant of
 # the model (`prompt_jax.t5.model` re-exports it), defined here so that readers of
@@ -58,6 +60,7 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"  # stored weights (frozen weights may be bfloat16)
+    remat_policy: str = "none"  # one of REMAT_POLICIES; see prompt_jax.t5.model
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads"):
@@ -81,6 +84,9 @@ class T5Config:
                 raise ValueError(
                     f"T5Config.{field} must be one of {DTYPES}, got {getattr(self, field)!r}"
                 )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"T5Config.remat_policy must be one of {REMAT_POLICIES}, "
+                             f"got {self.remat_policy!r}")
 
     @property
     def logits_scaled(self) -> bool:

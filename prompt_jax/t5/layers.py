@@ -178,7 +178,10 @@ class MultiHeadAttention(nn.Module):
 
     With `decode=True`, keys and values are appended to a `cache` collection
     (`cached_key`, `cached_value` [B, K_max, H, D] and `cache_index`), and the
-    query attends to the positions written so far.
+    query attends to the positions written so far. With `static_kv` as well
+    (cross-attention: `x_kv` is the encoder output, the same at every step), the
+    keys and values are projected once, when the cache is created, into
+    `cached_cross_key`, `cached_cross_value` [B, K, H, D], and read from there after.
     """
 
     num_heads: int
@@ -197,23 +200,30 @@ class MultiHeadAttention(nn.Module):
         bias: Array | None = None,
         *,
         decode: bool = False,
+        static_kv: bool = False,
         deterministic: bool = True,
     ) -> Array:
         """x_q [B, Q, E], x_kv [B, K, E], mask [B, 1, Q, K] bool, bias [1, H, Q, K] -> [B, Q, E]."""
         joined = self.num_heads * self.d_kv
         dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        query = dense(joined, ("embed", "joined_kv"), normal((self.d_model * self.d_kv) ** -0.5),
-                      name="query")(x_q)
-        key = dense(joined, ("embed", "joined_kv"), normal(self.d_model**-0.5), name="key")(x_kv)
-        value = dense(joined, ("embed", "joined_kv"), normal(self.d_model**-0.5),
-                      name="value")(x_kv)
-        split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, self.d_kv))
-        query, key, value = split(query), split(key), split(value)
-        query = constrain(query, ("batch", "length", "heads", "kv"))
-        key = constrain(key, ("batch", "length", "heads", "kv"))
-        value = constrain(value, ("batch", "length", "heads", "kv"))
 
-        if decode:
+        def project(name: str, x: Array, stddev: float) -> Array:
+            y = dense(joined, ("embed", "joined_kv"), normal(stddev), name=name)(x)
+            y = y.reshape(y.shape[:2] + (self.num_heads, self.d_kv))
+            return constrain(y, ("batch", "length", "heads", "kv"))
+
+        query = project("query", x_q, (self.d_model * self.d_kv) ** -0.5)
+        if decode and static_kv:
+            # Made by the variables' initialisers only: a decoding step projects nothing of x_kv.
+            key = self.variable("cache", "cached_cross_key", project, "key", x_kv,
+                                self.d_model**-0.5).value
+            value = self.variable("cache", "cached_cross_value", project, "value", x_kv,
+                                  self.d_model**-0.5).value
+        else:
+            key = project("key", x_kv, self.d_model**-0.5)
+            value = project("value", x_kv, self.d_model**-0.5)
+
+        if decode and not static_kv:
             initialized = self.has_variable("cache", "cached_key")
             cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
             cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape,

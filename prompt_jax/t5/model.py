@@ -10,9 +10,19 @@ Calling convention (flaxformer's): `apply({'params': p}, encoder_input_tokens
 [B, T], decoder_input_tokens [B, L], decoder_target_tokens [B, L],
 enable_dropout=False) -> logits [B, L, V]`; decoder inputs are the targets
 shifted right with 0 as the start token; id 0 is padding.
+
+`config.remat_policy` says what the backward pass keeps of each encoder/decoder layer
+(`nn.remat` around the layer; parameter paths are unchanged): `none` everything autodiff
+saves; `full` only the layer's inputs, the rest recomputed; `dots` the layer's inputs and
+the outputs of matmuls without batch dimensions — the q/k/v/out projections and the MLP's
+(`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) — so the attention scores and
+probabilities [B, H, Q, K], the norms and the activation functions are recomputed. One
+decoding step is not differentiated, so `decode=True` runs the layers without remat.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import flax.linen as nn
 import jax
@@ -64,6 +74,19 @@ def _relpos(config: T5Config) -> RelativePositionBiases:
                                   config.activation_dtype, config.weight_dtype, name="relpos_bias")
 
 
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _remat(layer: type[nn.Module], config: T5Config, static: tuple[str, ...]) -> type[nn.Module]:
+    """`layer` rematerialised per `config.remat_policy`; `static` names the Python-valued
+    arguments of its `__call__` (flags the trace branches on)."""
+    if config.remat_policy == "none":
+        return layer
+    names = list(inspect.signature(layer.__call__).parameters)  # `self` is argnum 0
+    return nn.remat(layer, policy=_REMAT_POLICIES[config.remat_policy],
+                    static_argnums=tuple(names.index(n) for n in static))
+
+
 class EncoderLayer(nn.Module):
     config: T5Config
 
@@ -91,7 +114,7 @@ class DecoderLayer(nn.Module):
         y = y + drop(h)
         h = _norm(self.config, "pre_cross_attention_layer_norm")(y)
         h = _attention(self.config, "encoder_decoder_attention")(
-            h, encoded, cross_mask, deterministic=deterministic)
+            h, encoded, cross_mask, decode=decode, static_kv=True, deterministic=deterministic)
         y = y + drop(h)
         h = _norm(self.config, "pre_mlp_layer_norm")(y)
         y = y + drop(_mlp(self.config)(h, deterministic=deterministic))
@@ -125,8 +148,9 @@ class Encoder(nn.Module):
         length = x.shape[1]
         bias = _relpos(cfg)(length, length, bidirectional=True)
         pair_mask = attention_mask(mask, mask)
+        layer = _remat(EncoderLayer, cfg, static=("deterministic",))
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, pair_mask, bias, deterministic)
+            x = layer(cfg, name=f"layers_{i}")(x, pair_mask, bias, deterministic)
         x = _norm(cfg, "encoder_norm")(x)
         return dropout(cfg.dropout_rate, deterministic)(x), mask
 
@@ -162,7 +186,9 @@ class Decoder(nn.Module):
 
         With `decode=True` the call is one step of autoregressive decoding
         (L=1) against the `cache` collection; initialise the cache by calling
-        once with the full-length `decoder_input_tokens` (see `decoding.py`).
+        once with the full-length `decoder_input_tokens`, which also projects
+        `encoded` into each layer's cross-attention keys and values, read by every
+        step after (see `decoding.init_cache`).
         """
         cfg = self.config
         own = cfg.separate_decoder_embedding  # a table of its own, else the shared one
@@ -189,8 +215,10 @@ class Decoder(nn.Module):
                 self_mask = jnp.logical_and(self_mask, attention_mask(query_valid, query_valid))
         cross_mask = attention_mask(query_valid, encoder_mask)
 
+        layer = DecoderLayer if decode else _remat(DecoderLayer, cfg,
+                                                   static=("deterministic", "decode"))
         for i in range(cfg.num_decoder_layers):
-            y = DecoderLayer(cfg, name=f"layers_{i}")(
+            y = layer(cfg, name=f"layers_{i}")(
                 y, encoded, self_mask, cross_mask, bias, deterministic, decode)
         y = _norm(cfg, "decoder_norm")(y)
         y = dropout(cfg.dropout_rate, deterministic)(y)
