@@ -34,6 +34,9 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    # `prompt-jax serve`
+    "fastapi==0.142.2",
+    "uvicorn==0.54.0",
 ]
 
 TEST_REQUIRES = [
@@ -42,6 +45,7 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "peft==0.21.2",
     "ruff==0.17.6",
+    "httpx==0.28.1",  # tests/test_serve.py talks to the server over HTTP
 ]
 
 setup(

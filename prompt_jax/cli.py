@@ -4,6 +4,7 @@
                       [--dry_run] [--overwrite] [--verbose]
     prompt-jax eval   [--gin_file=F]... [--gin.NAME=VALUE]...
     prompt-jax infer  [--gin_file=F]... [--gin.NAME=VALUE]... [PROMPT.npy ...]
+    prompt-jax serve  [--gin_file=F]... [--gin.NAME=VALUE]...
     prompt-jax inspect PROMPT.npy [--checkpoint=DIR] [--k=5]
     prompt-jax export-peft PROMPT OUT_DIR [--base_model NAME_OR_PATH]
     prompt-jax extract CHECKPOINT OUT.npy [--variable target/encoder/prompt/prompt/prompt]
@@ -30,7 +31,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-DEMO_GIN = {"train": "demo.gin", "eval": "demo_eval.gin", "infer": "demo_infer.gin"}
+DEMO_GIN = {"train": "demo.gin", "eval": "demo_eval.gin", "infer": "demo_infer.gin",
+            "serve": "demo_serve.gin"}
 
 
 class UsageError(ValueError):
@@ -47,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prompt-jax", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("train", "eval", "infer"):
+    for name in ("train", "eval", "infer", "serve"):
         s = sub.add_parser(name, help=f"run the {name} job")
         s.add_argument("--gin_file", action="append", default=[],
                        help="gin file (repeatable; later files win)")
@@ -166,6 +168,9 @@ def parse_gin(command: str, files: Sequence[str], bindings: Sequence[str],
 
     from prompt_jax import evaluation, infer, partitioning, tasks, train  # noqa: F401 (gin)
 
+    if command == "serve":
+        from prompt_jax import serve  # noqa: F401 (gin: serve, BatchingSpec)
+
     if not gin.config._REGISTRY.matching_selectors("distributed"):
         gin.external_configurable(partitioning.initialize_distributed, "distributed")
 
@@ -244,6 +249,11 @@ def run(argv: Sequence[str]) -> int:
             b = result.best
             print(f"done: step {result.step}; best {b['metric']}={b['value']:.4g} at step "
                   f"{b['step']}")
+        return 0
+    if args.command == "serve":
+        from prompt_jax import serve
+
+        serve.serve()
         return 0
     if args.command == "eval":
         from prompt_jax import evaluation

@@ -132,15 +132,17 @@ def _greedy_decode(model, params, encoder_input_tokens, max_decode_length, prefi
 def _sample_decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
                    prefix_mask, eos_id, temperature, top_k, top_p, seed):
     keys = jax.vmap(jax.random.PRNGKey)(seed)
-    draw = lambda log_probs, step: _draw(log_probs, jax.vmap(jax.random.fold_in, (0, None))(
+    draw = lambda log_probs, step: draw_tokens(log_probs, jax.vmap(jax.random.fold_in, (0, None))(
         keys, step), temperature, top_k, top_p)
     return _decode(model, params, encoder_input_tokens, max_decode_length, prefix_embeddings,
                    prefix_mask, eos_id, draw)
 
 
-def _draw(log_probs: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array
-          ) -> Array:
-    """One token per row of log_probs [B, V], with keys [B] and per-row options [B] -> [B]."""
+def draw_tokens(log_probs: Array, keys: Array, temperature: Array, top_k: Array,
+                top_p: Array) -> Array:
+    """One token per row of log_probs [B, V], with keys [B] and per-row options [B] -> [B]:
+    temperature, then top-k, then top-p on the renormalised top-k distribution (HF's
+    order); a row with temperature 0 takes the argmax (greedy)."""
     x = log_probs / jnp.where(temperature > 0, temperature, 1.0)[:, None]
 
     def cut(x):
