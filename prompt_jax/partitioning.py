@@ -5,7 +5,7 @@ activations carry logical constraints (`nn.with_logical_constraint`). `LOGICAL_A
 maps the names to mesh axes; parameter, optimizer-state and batch shardings all come from it:
 
     mesh = make_mesh((-1, 1))                                    # all devices on `data`
-    abstract = jax.eval_shape(model.init, rng, tokens, tokens)["params"]
+    abstract = abstract_params(config, prompt_length, boxed=True)  # prompt_jax.t5.model
     shardings = params_shardings(mesh, abstract)                 # NamedSharding per leaf
     params = shard_params(host_params, shardings)
     step = sharded_jit(train_step, mesh, in_shardings=..., out_shardings=...)
@@ -148,7 +148,7 @@ def _is_boxed(x: Any) -> bool:
 
 def params_specs(abstract_boxed_params: Any, axis_sizes: dict[str, int],
                  rules: Rules = LOGICAL_AXIS_RULES) -> Any:
-    """PartitionSpecs for the unboxed tree of `jax.eval_shape(model.init, ...)`.
+    """PartitionSpecs for the unboxed tree of `t5.model.abstract_params(..., boxed=True)`.
 
     Leaves boxed as `nn.LogicallyPartitioned` map through `rules`; plain leaves (and
     `nn.Partitioned`, whose names are already mesh axes) are taken as they are.
