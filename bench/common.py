@@ -411,6 +411,18 @@ def train_batch(batch: int, input_length: int, target_length: int, vocab: int,
 # ---------------------------------------------------------------- tables
 
 
+def select_variants(specs: dict[str, dict[str, Any]], variants: str | None
+                    ) -> dict[str, dict[str, Any]]:
+    """The specs `--variants` (comma-separated) names, in the scripts' order; all if None."""
+    if not variants:
+        return specs
+    keep = variants.split(",")
+    unknown = set(keep) - set(specs)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(specs)}")
+    return {k: v for k, v in specs.items() if k in keep}
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table (readable as plain text too)."""
     cells = [[str(c) for c in r] for r in rows]

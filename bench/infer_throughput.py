@@ -269,13 +269,7 @@ def variants(args) -> dict[str, dict[str, Any]]:
         out["peft-generate"] = dict(dec, kind="peft", mode="generate")
         out["jax-steps"] = dict(dec, kind="jax", mode="steps")
         out["jax-steps-nocross"] = dict(dec, kind="jax", mode="steps-nocross")
-    if args.variants:
-        keep = args.variants.split(",")
-        unknown = set(keep) - set(out)
-        if unknown:
-            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(out)}")
-        out = {k: v for k, v in out.items() if k in keep}
-    return out
+    return common.select_variants(out, args.variants)
 
 
 def report(args, specs, workers, peak: common.MatmulPeak) -> None:

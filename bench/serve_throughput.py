@@ -190,13 +190,7 @@ def variants(args, paths: dict[str, str]) -> dict[str, dict[str, Any]]:
         out["jax-serve-bf16w"] = dict(base, kind="jax", param_dtype="bfloat16")
     if args.ynn:
         out["jax-serve-ynn"] = dict(base, kind="jax", ynn=True)
-    if args.variants:
-        keep = args.variants.split(",")
-        unknown = set(keep) - set(out)
-        if unknown:
-            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(out)}")
-        out = {k: v for k, v in out.items() if k in keep}
-    return out
+    return common.select_variants(out, args.variants)
 
 
 def report(args, specs, workers) -> None:

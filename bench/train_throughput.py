@@ -166,13 +166,7 @@ def variants(args) -> dict[str, dict[str, Any]]:
     if args.ynn:
         out["jax-prompt-ynn"] = dict(prompt, kind="jax", ynn=True)
         out["jax-model-ynn"] = dict(model, kind="jax", ynn=True)
-    if args.variants:
-        keep = args.variants.split(",")
-        unknown = set(keep) - set(out)
-        if unknown:
-            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(out)}")
-        out = {k: v for k, v in out.items() if k in keep}
-    return out
+    return common.select_variants(out, args.variants)
 
 
 def report(args, specs, workers, peak: common.MatmulPeak) -> None:
