@@ -97,13 +97,16 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
     predict = _ensemble_predictions if len(served.prompts) > 1 and not by_task \
         else _predictions
     max_len = decoding_spec.max_decode_length or task_feature_lengths["targets"]
+    model = T5(served.config)
+    # The prompts, left-padded into one array once: (names, prompts [N, P, E], mask [N, P]).
+    packed = (list(served.prompts), *serving.pack_prompts(list(served.prompts.values()))) \
+        if served.prompts else None
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         tokens = partitioning.whole_batch({"x": _pad_ids([e.ids for e in chunk], budget,
                                                         batch_size)}, mesh)["x"]
-        records += predict(T5(served.config), params, tokens, chunk, served.prompts,
-                           max_len, decoding_spec, vocab)
+        records += predict(model, params, tokens, chunk, packed, max_len, decoding_spec, vocab)
     _write_records(output_file, records)
     if mixture_or_task_name and not input_file:
         metrics = task_metrics(mixture_or_task_name, examples, records)
@@ -129,26 +132,24 @@ def _read_examples(input_file, task_name, split, vocab, max_examples) -> list[Ex
     return examples
 
 
-def _predictions(model, params, tokens, chunk, prompts_by_name, max_len, spec, vocab):
+def _predictions(model, params, tokens, chunk, packed, max_len, spec, vocab):
     """One prompt for every row, or each row the prompt of its task (a mixed-task batch)."""
     prefix = mask = None
-    if prompts_by_name:
-        names = list(prompts_by_name)
-        packed, packed_mask = serving.pack_prompts(list(prompts_by_name.values()))
+    if packed:
+        names, prompts, prompts_mask = packed
         index = np.zeros(tokens.shape[0], np.int32)
         if len(names) > 1:  # by task
             index[:len(chunk)] = [names.index(e.task) for e in chunk]
-        prefix, mask = serving.mixed_batch_prefix(packed, packed_mask, index)
+        prefix, mask = serving.mixed_batch_prefix(prompts, prompts_mask, index)
     out, scores = _decode(model, params, tokens, max_len, prefix, mask, spec)
     return [_record(e, vocab, out[i], float(scores[i])) for i, e in enumerate(chunk)]
 
 
-def _ensemble_predictions(model, params, tokens, chunk, prompts_by_name, max_len, spec, vocab):
+def _ensemble_predictions(model, params, tokens, chunk, packed, max_len, spec, vocab):
     """Every prompt on every row in one pass; the prediction is their majority vote."""
-    names = list(prompts_by_name)
-    packed, packed_mask = serving.pack_prompts(list(prompts_by_name.values()))
-    out, scores = serving.ensemble_greedy_decode(model, params, tokens, jnp.asarray(packed),
-                                                 max_len, jnp.asarray(packed_mask))
+    names, prompts, prompts_mask = packed
+    out, scores = serving.ensemble_greedy_decode(model, params, tokens, jnp.asarray(prompts),
+                                                 max_len, jnp.asarray(prompts_mask))
     out, scores = np.asarray(out), np.asarray(scores)
     voted, votes = serving.majority_vote(out)
     return [_record(e, vocab, voted[i], None, {

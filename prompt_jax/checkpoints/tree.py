@@ -16,7 +16,9 @@ def cast_params(params: dict[str, Any], dtype: Any) -> dict[str, Any]:
     """Every leaf as a numpy array of `dtype` (e.g. bfloat16 frozen weights)."""
     from prompt_jax.pytree import unflatten
 
-    return unflatten({k: np.asarray(v).astype(dtype) for k, v in flatten(params).items()})
+    # copy=False: a checkpoint already in `dtype` is not copied (XXL weights are 20+ GiB).
+    return unflatten({k: np.asarray(v).astype(dtype, copy=False)
+                      for k, v in flatten(params).items()})
 
 
 def expected_shapes(config: T5Config, prompt_length: int = 0) -> dict[str, tuple[int, ...]]:
