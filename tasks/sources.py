@@ -3,11 +3,14 @@
 `BenchmarkSource`: the official SuperGLUE/GLUE files under the data directory when
 one is set (`PROMPT_JAX_DATA_DIR` or gin `data_paths.data_dir`), TFDS otherwise.
 `TextSource`: documents for the pretraining objectives, from local text files,
-from the text fields of the local SuperGLUE/GLUE training files, or TFDS C4.
+from Project Gutenberg books, from the text fields of the local SuperGLUE/GLUE training
+files, or TFDS C4.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -18,6 +21,11 @@ from prompt_jax.tasks import config, official
 C4_TFDS_NAME = "c4/en:3.1.0"
 # The value of PROMPT_JAX_TEXT_FILES that selects the training files' text fields.
 TRAINING_TEXTS = "superglue_glue_train"
+# The value that selects Project Gutenberg books: `gutenberg` reads
+# <data_dir>/text/gutenberg/*/*.txt, `gutenberg:<dir>` reads <dir>/*/*.txt.
+GUTENBERG = "gutenberg"
+# Gutenberg documents: runs of consecutive paragraphs of at least this many characters.
+GUTENBERG_DOCUMENT_CHARS = 2000
 # Local text is split deterministically: a document whose fingerprint falls in
 # bucket 0 of VALIDATION_BUCKETS (about 1 in 20) is held out for validation.
 VALIDATION_BUCKETS = 20
@@ -93,9 +101,11 @@ class TextSource(seqio.DataSource):
       - unset: TFDS `c4/en` (its own train/validation splits);
       - globs, comma-separated: one document per non-empty line of the files;
       - `superglue_glue_train`: the text fields (passages, sentences, questions,
-        answers) of the SuperGLUE/GLUE training files under the data directory.
+        answers) of the SuperGLUE/GLUE training files under the data directory;
+      - `gutenberg` or `gutenberg:<dir>`: Project Gutenberg books (`gutenberg_documents`).
     Local documents go to `validation` when their fingerprint
-    (`tf.strings.to_hash_bucket_fast`, deterministic) lands in bucket 0 of 20.
+    (`tf.strings.to_hash_bucket_fast`, deterministic) lands in bucket 0 of 20; Gutenberg
+    holds out whole books instead (`gutenberg_validation`).
     """
 
     def __init__(self):
@@ -127,15 +137,21 @@ class TextSource(seqio.DataSource):
             ds = _read_tfds(C4_TFDS_NAME, split, shuffle, seed)
             ds = ds.map(lambda x: {"text": x["text"]})
         else:
-            if spec == TRAINING_TEXTS:
-                ds = tf.data.Dataset.from_tensor_slices(
-                    tf.constant(training_texts(config.data_dir()), tf.string)
-                )
+            if spec == GUTENBERG or spec.startswith(GUTENBERG + ":"):
+                directory = spec[len(GUTENBERG) + 1:] or _gutenberg_dir()
+                ds = tf.data.Dataset.from_tensor_slices(tf.constant(
+                    gutenberg_documents(directory, split), tf.string))
             else:
-                ds = tf.data.TextLineDataset(_glob_text_files(spec))
-                ds = ds.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
-            held_out = lambda t: tf.equal(tf.strings.to_hash_bucket_fast(t, VALIDATION_BUCKETS), 0)
-            ds = ds.filter(held_out if split == "validation" else lambda t: ~held_out(t))
+                if spec == TRAINING_TEXTS:
+                    ds = tf.data.Dataset.from_tensor_slices(
+                        tf.constant(training_texts(config.data_dir()), tf.string)
+                    )
+                else:
+                    ds = tf.data.TextLineDataset(_glob_text_files(spec))
+                    ds = ds.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
+                held_out = lambda t: tf.equal(
+                    tf.strings.to_hash_bucket_fast(t, VALIDATION_BUCKETS), 0)
+                ds = ds.filter(held_out if split == "validation" else lambda t: ~held_out(t))
             ds = ds.map(lambda t: {"text": t})
             if shuffle:
                 ds = ds.shuffle(10_000, seed=seed)
@@ -163,6 +179,77 @@ def _glob_text_files(spec: str) -> list[str]:
             raise FileNotFoundError(f"{pattern}: no file matches ({config.TEXT_FILES_ENV})")
         files.extend(matches)
     return files
+
+
+_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG", re.MULTILINE)
+_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", re.MULTILINE)
+
+
+def _gutenberg_dir() -> str:
+    data_dir = config.data_dir()
+    if not data_dir:
+        raise ValueError(
+            f"{config.TEXT_FILES_ENV}={GUTENBERG} reads <data_dir>/text/gutenberg, but "
+            f"{config.DATA_DIR_ENV} (or gin data_paths.data_dir) is unset; or give the "
+            f"directory: {GUTENBERG}:<dir>"
+        )
+    return os.path.join(data_dir, "text", "gutenberg")
+
+
+def gutenberg_books(directory: str) -> list[str]:
+    """The books under `directory` (`<Author>/<Title>.txt`), relative paths, sorted."""
+    books = sorted(os.path.relpath(p, directory)
+                   for p in tf.io.gfile.glob(os.path.join(directory, "*", "*.txt")))
+    if not books:
+        raise FileNotFoundError(f"{directory}: no Gutenberg book (expected <Author>/<Title>.txt)")
+    return books
+
+
+def gutenberg_validation(book: str) -> bool:
+    """Whether a book (its relative path) is held out: bucket 0 of 20 of its md5, so whole
+    books, about one in twenty, never trained on; the same on every machine."""
+    digest = hashlib.md5(book.replace(os.sep, "/").encode()).digest()
+    return int.from_bytes(digest[:8], "little") % VALIDATION_BUCKETS == 0
+
+
+def gutenberg_body(text: str, path: str) -> str:
+    """What lies between a Project Gutenberg file's `*** START OF` and `*** END OF` lines."""
+    starts, ends = list(_START.finditer(text)), list(_END.finditer(text))
+    if len(starts) != 1 or len(ends) != 1 or ends[0].start() < starts[0].end():
+        raise ValueError(
+            f"{path}: expected one '*** START OF ... PROJECT GUTENBERG' line followed by one "
+            f"'*** END OF ...' line, found {len(starts)} start and {len(ends)} end lines"
+        )
+    body = text[starts[0].end():ends[0].start()]
+    return body.split("\n", 1)[1] if "\n" in body else ""  # the rest of the START line
+
+
+def gutenberg_documents(directory: str, split: str,
+                        min_chars: int = GUTENBERG_DOCUMENT_CHARS) -> list[str]:
+    """Documents of the books of `split` ("train" or "validation", `gutenberg_validation`).
+
+    Each book's body (`gutenberg_body`) is cut into paragraphs at blank lines, each
+    paragraph's lines joined by single spaces; a document is a run of consecutive
+    paragraphs of at least `min_chars` characters (the last of a book may be shorter),
+    so LM adaptation continues real text and span corruption sees whole paragraphs.
+    """
+    documents = []
+    for book in gutenberg_books(directory):
+        if gutenberg_validation(book) != (split == "validation"):
+            continue
+        path = os.path.join(directory, book)
+        with tf.io.gfile.GFile(path, "rb") as f:
+            text = f.read().decode("utf-8-sig").replace("\r\n", "\n")
+        paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", gutenberg_body(text, path)))
+        run: list[str] = []
+        for paragraph in filter(None, paragraphs):
+            run.append(paragraph)
+            if sum(map(len, run)) >= min_chars:
+                documents.append("\n".join(run))
+                run = []
+        if run:
+            documents.append("\n".join(run))
+    return documents
 
 
 # The fields of each training file that hold running text (not labels or words).

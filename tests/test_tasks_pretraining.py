@@ -192,3 +192,81 @@ def test_training_texts_of_the_benchmark_files(tmp_path):
     ]:
         assert expected in texts
     assert "cause" not in texts and "carry" not in texts  # labels and words are not text
+
+
+# --------------------------------------------------------------------------- Gutenberg
+
+
+def _book(body: str, title: str = "A BOOK", start: str = "*** START OF THIS PROJECT "
+          "GUTENBERG EBOOK") -> str:
+    """A file laid out as Project Gutenberg's: header, START line, body, END line, license."""
+    return (f"The Project Gutenberg EBook of {title}\r\n\r\nLicense: keep out\r\n"
+            f"{start} {title} ***\r\n{body}\r\n*** END OF THIS PROJECT GUTENBERG EBOOK "
+            f"{title} ***\r\nStart: full license text, never trained on\r\n")
+
+
+@pytest.fixture
+def gutenberg(tmp_path):
+    """60 tiny books by 6 authors; each book's paragraphs name the book."""
+    root = tmp_path / "gutenberg"
+    for a in range(6):
+        for b in range(10):
+            paragraphs = [f"Book {a}-{b} paragraph {i}, its first\r\nline and its second."
+                          for i in range(5)]
+            path = root / f"Author_{a}" / f"Book_{b}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_book("\r\n\r\n".join(paragraphs), f"BOOK {a}-{b}").encode())
+    return root
+
+
+def test_gutenberg_body_is_what_lies_between_the_markers():
+    text = _book("one\n\ntwo").replace("\r\n", "\n")
+    assert sources.gutenberg_body(text, "x.txt").strip() == "one\n\ntwo"
+    other = _book("body", start="***START OF THE PROJECT GUTENBERG EBOOK").replace("\r\n", "\n")
+    assert sources.gutenberg_body(other, "x.txt").strip() == "body"
+    with pytest.raises(ValueError, match=r"x\.txt: expected one '\*\*\* START OF .* found 0 start"):
+        sources.gutenberg_body("no markers here", "x.txt")
+    with pytest.raises(ValueError, match="found 2 start and 1 end"):
+        sources.gutenberg_body(text + text.split("*** END")[0], "x.txt")
+
+
+def test_gutenberg_holds_out_whole_books(gutenberg):
+    books = sources.gutenberg_books(str(gutenberg))
+    assert len(books) == 60
+    held_out = [b for b in books if sources.gutenberg_validation(b)]
+    assert 0 < len(held_out) < 10
+    train = sources.gutenberg_documents(str(gutenberg), "train", min_chars=100)
+    validation = sources.gutenberg_documents(str(gutenberg), "validation", min_chars=100)
+    name = lambda doc: doc.split(" paragraph")[0].removeprefix("Book ")
+    held_names = {b.replace("Author_", "").replace("/Book_", "-").removesuffix(".txt")
+                  for b in held_out}
+    assert {name(d) for d in validation} == held_names
+    assert not held_names & {name(d) for d in train}
+    # Paragraphs: lines joined by one space; runs of >= 100 characters (two paragraphs of
+    # 53 here), the book's last run shorter; nothing from outside the markers.
+    first = train[0]
+    assert first == ("Book 0-0 paragraph 0, its first line and its second.\n"
+                     "Book 0-0 paragraph 1, its first line and its second.")
+    assert sum(d.startswith("Book 0-0 ") for d in train) == 3
+    assert not any("License" in d or "license" in d for d in train + validation)
+
+
+def test_gutenberg_source_feeds_span_corruption(monkeypatch, gutenberg, tmp_path):
+    monkeypatch.setenv(config.TEXT_FILES_ENV, f"{sources.GUTENBERG}:{gutenberg}")
+    docs = [x["text"].decode() for x in
+            sources.TextSource().get_dataset("validation", shuffle=False).as_numpy_iterator()]
+    assert docs == sources.gutenberg_documents(str(gutenberg), "validation")
+    # `gutenberg` alone reads <data_dir>/text/gutenberg.
+    (tmp_path / "data" / "text").mkdir(parents=True)
+    (tmp_path / "data" / "text" / "gutenberg").symlink_to(gutenberg)
+    monkeypatch.setenv(config.TEXT_FILES_ENV, sources.GUTENBERG)
+    monkeypatch.setenv(config.DATA_DIR_ENV, str(tmp_path / "data"))
+    ds = seqio.get_mixture_or_task("span_corruption").get_dataset(
+        {"inputs": 64, "targets": 16}, split="train", shuffle=False, seed=0)
+    example = next(ds.as_numpy_iterator())
+    assert _sentinels(example["inputs"]) and len(example["inputs"]) <= 64
+    monkeypatch.delenv(config.DATA_DIR_ENV)
+    with pytest.raises(ValueError, match="text/gutenberg.*PROMPT_JAX_DATA_DIR"):
+        sources.TextSource().get_dataset("train")
+    with pytest.raises(FileNotFoundError, match="no Gutenberg book"):
+        sources.gutenberg_books(str(tmp_path))

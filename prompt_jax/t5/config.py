@@ -173,6 +173,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "inhouse_mini": _inhouse(32, 16, 128, 2, 2),
     "inhouse_tiny": _inhouse(64, 16, 256, 4, 4),
     "inhouse_small": _inhouse(128, 32, 512, 4, 4),
+    "inhouse_base": _inhouse(256, 32, 1024, 8, 6),
 }
 SIZES["t5_1_1_lm100k_small"] = SIZES["t5_1_1_small"]
 SIZES["t5_1_1_lm100k_base"] = SIZES["t5_1_1_base"]
