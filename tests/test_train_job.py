@@ -193,10 +193,13 @@ def test_resume_after_kill_ends_with_the_uninterrupted_prompt(tmp_path):
                       *train_args(d, steps=12, period=4)]
     subprocess.run(args(straight), check=True, capture_output=True, timeout=300)
 
-    # Kill the second run (SIGKILL: no chance to save) once its first checkpoint exists.
+    # Kill the second run (SIGKILL: no chance to save) once its first checkpoint is
+    # complete (checksums are written last; a step killed before them is rightly refused
+    # on restart, and the run would start over).
     proc = subprocess.Popen(args(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (resumed / "checkpoints" / "4").exists() and time.time() < deadline:
+    while (not (resumed / "checkpoints" / "4" / "checksums.json").exists()
+           and time.time() < deadline):
         if proc.poll() is not None:
             pytest.fail("the run ended before it could be interrupted")
         time.sleep(0.2)
