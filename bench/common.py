@@ -388,6 +388,30 @@ def t5_matmul_flops(cfg: Any, batch: int, enc_len: int, dec_len: int, mode: str 
     raise ValueError(f"mode must be None, 'model' or 'prompt', got {mode!r}")
 
 
+def jaxpr_matmul_flops(jaxpr: Any) -> float:
+    """Matmul FLOPs of a traced program: 2 x output elements x contracted size, summed
+    over every `dot_general` of `jaxpr` and its sub-jaxprs (a `scan` body counted
+    `length` times; no `while` loops are expected). For the methods whose step
+    `t5_matmul_flops` does not model (P-tuning's LSTM, deep prompts)."""
+    import math
+
+    import jax
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            raise ValueError("jaxpr_matmul_flops: a while loop has no static trip count")
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs[d] for d in lhs_contract)
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            total += times * jaxpr_matmul_flops(sub)
+    return total
+
+
 # ---------------------------------------------------------------- data
 
 

@@ -64,22 +64,36 @@ def test_infer_throughput_prints_every_variant_and_ratio():
     assert re.search(r"ensemble of 5: 1 pass speed-up over 5 passes\s+\d+\.\d\d", out)
 
 
-def _dot_flops(jaxpr) -> int:
-    """2 x output elements x contracted size, summed over every dot_general in a jaxpr."""
-    import math
+@pytest.mark.slow
+def test_train_throughput_methods_prints_every_method_and_ratio():
+    out = run_script("train_throughput.py", *TINY, "--batch", "2", "--target-length", "4",
+                     "--methods", "--variants", "jax-prompt,peft-prompt,jax-p-tuning,"
+                     "peft-p-tuning,jax-p-tuning-v2,jax-prefix-tuning,peft-prefix-tuning")
+    assert table_rows(out) == ["jax-prompt", "peft-prompt", "jax-p-tuning", "peft-p-tuning",
+                               "jax-p-tuning-v2", "jax-prefix-tuning", "peft-prefix-tuning"]
+    for ratio in ("jax-p-tuning / peft-p-tuning", "jax-prefix-tuning / peft-prefix-tuning",
+                  "jax-p-tuning-v2 / jax-prompt", "peft-prefix-tuning / peft-prompt"):
+        assert re.search(re.escape(ratio) + r" examples/s\s+\d+\.\d\d", out), ratio
+    # The same trainable tensors on both sides (PEFT's P-tuning embeds 2P inputs, ours P).
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\|\s*([\w-]+) \|[^|]*\|\s*([\d,]+)"
+                                                        r" \|", out, re.M)}
+    assert rows["jax-prefix-tuning"] == rows["peft-prefix-tuning"]
+    jax_pt, peft_pt = (int(rows[n].replace(",", "")) for n in ("jax-p-tuning", "peft-p-tuning"))
+    assert peft_pt - jax_pt == 4 * 64  # P x d_model of the tiny config
 
+
+def test_jaxpr_matmul_flops_counts_a_scan_body_per_iteration():
     import jax
+    import jax.numpy as jnp
 
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                lhs[d] for d in lhs_contract)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            total += _dot_flops(sub)
-    return total
+    common = bench_common()
+
+    def f(x, w, head):
+        x, _ = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)
+        return x @ head
+
+    jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 4)), jnp.ones((4, 4)), jnp.ones((4, 2)))
+    assert common.jaxpr_matmul_flops(jaxpr.jaxpr) == 5 * 2 * 3 * 4 * 4 + 2 * 3 * 4 * 2
 
 
 @pytest.mark.parametrize("mode", [None, "model", "prompt"])
@@ -111,4 +125,4 @@ def test_analytic_flops_count_the_dots_of_the_step(mode):
         tx = optim.adafactor()
         step = train_step.make_train_step(model, tx, train_step.LossConfig())
         jaxpr = jax.make_jaxpr(step)(train_step.TrainState.create(trainable, tx), frozen, batch)
-    assert common.t5_matmul_flops(cfg, 4, 24, 6, mode) == _dot_flops(jaxpr.jaxpr)
+    assert common.t5_matmul_flops(cfg, 4, 24, 6, mode) == common.jaxpr_matmul_flops(jaxpr.jaxpr)
