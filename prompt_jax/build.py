@@ -178,13 +178,13 @@ def embedding_table(frozen: dict[str, Any]) -> np.ndarray:
 
 
 def place_params(config: T5Config, host_params: dict[str, Any], mesh: Any,
-                 prompt_length: int = 0) -> dict[str, Any]:
-    """Put a host parameter tree of `T5(config, prompt_length)` on `mesh`, sharded per the
-    logical-axis rules (each device receives only its slice)."""
+                 prompt_length: int = 0, model: Any = None) -> dict[str, Any]:
+    """Put a host parameter tree of `T5(config, prompt_length)` (or of `model`) on `mesh`,
+    sharded per the logical-axis rules (each device receives only its slice)."""
     from prompt_jax import partitioning
     from prompt_jax.t5.model import abstract_params
 
-    abstract = abstract_params(config, prompt_length, boxed=True)
+    abstract = abstract_params(config, prompt_length, boxed=True, model=model)
     return partitioning.shard_params(host_params, partitioning.params_shardings(mesh, abstract))
 
 
@@ -199,6 +199,25 @@ class Served:
     frozen: dict[str, Any]
     prompts: dict[str, np.ndarray]  # name -> [P, E] float32, in the order given
     sources: dict[str, str]  # name -> the file each prompt came from
+    # Key/value prefixes (methods/deep_prompts.py): (inference spec, matrix), its file.
+    deep_prompt: tuple[Any, np.ndarray] | None = None
+    deep_prompt_source: str | None = None
+
+    def model(self, prompt_length: int = 0) -> Any:
+        """The T5 that runs these: with the deep prompt's spec when there is one."""
+        from prompt_jax.t5.model import T5
+
+        spec = self.deep_prompt[0] if self.deep_prompt else None
+        return T5(self.config, prompt_length=prompt_length, deep_prompt_spec=spec)
+
+    def with_deep_prompt(self, flat_params: dict[str, Any]) -> dict[str, Any]:
+        """`flat_params` (path -> array) plus the deep prompt's matrix, if any."""
+        from prompt_jax.methods import deep_prompts
+
+        if not self.deep_prompt:
+            return flat_params
+        return {**flat_params, f"{deep_prompts.DEEP_PROMPT_PATH}/{deep_prompts.EMBEDDING}":
+                self.deep_prompt[1]}
 
 
 def default_prompt_file(initial_checkpoint: str | None, model_dir: str | None) -> str | None:
@@ -221,8 +240,12 @@ def load_served(spec: ModelSpec, initial_checkpoint: str | None, model_dir: str 
 
     `prompt_files`: {name: path}, or paths (named `prompt_0`, ...); each any artifact
     `checkpoints.prompt_artifacts` reads (.npy, PEFT adapter, prompt-tuned t5x checkpoint).
-    None or empty: `default_prompt_file`, or no prompt.
+    None or empty: `default_prompt_file`, or no prompt. At most one of them may be a deep
+    prompt (a deep prompt .npz or a PEFT PREFIX_TUNING adapter; by default
+    MODEL_DIR/best_deep_prompt.npz when it exists): `Served.deep_prompt`.
     """
+    from prompt_jax.methods import deep_prompts
+
     config, frozen = load_frozen(spec, initial_checkpoint, model_dir, seed)
     if isinstance(prompt_files, Mapping):
         named = dict(prompt_files)
@@ -231,8 +254,20 @@ def load_served(spec: ModelSpec, initial_checkpoint: str | None, model_dir: str 
         if not files and (default := default_prompt_file(initial_checkpoint, model_dir)):
             files = [default]
         named = {f"prompt_{i}": f for i, f in enumerate(files)}
+    deep = {name: p for name, p in named.items() if deep_prompts.is_deep_prompt_artifact(p)}
+    if len(deep) > 1:
+        raise ValueError(f"{', '.join(deep.values())}: {len(deep)} deep prompts; a model runs "
+                         "at most one")
+    deep_source = next(iter(deep.values()), None)
+    best_deep = model_dir_lib.path(model_dir, model_dir_lib.BEST_DEEP_PROMPT) if model_dir \
+        else None
+    if deep_source is None and not prompt_files and best_deep and os.path.exists(best_deep):
+        deep_source = best_deep
+    named = {name: p for name, p in named.items() if name not in deep}
     loaded = {name: load_prompt_for(path, config) for name, path in named.items()}
-    return Served(config, frozen, loaded, named)
+    return Served(config, frozen, loaded, named,
+                  deep_prompts.load_deep_prompt_artifact(deep_source, config)
+                  if deep_source else None, deep_source)
 
 
 def load_prompt_for(path: str, config: T5Config) -> np.ndarray:

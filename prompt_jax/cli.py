@@ -11,9 +11,11 @@
 
 Gin files are looked up in the current directory, in `--gin_search_paths`, and in
 the configs shipped with prompt_jax (`runs/`, `models/`, `prompts/`, `decoding/`).
-Later files and `--gin.` bindings win. With no `--gin_file`, `train`, `eval` and
-`infer` run the embedded demo (`demo.gin`: a tiny T5 on data bundled with the
-package, writing to ./prompt_jax_demo unless `--gin.MODEL_DIR` says otherwise).
+Later files and `--gin.` bindings win. `eval` and `infer` with no `--gin_file` and
+`--gin.MODEL_DIR="'X'"` read the finished run's X/config.gin (`run_config_files`). With no
+`--gin_file` (and no such MODEL_DIR), `train`, `eval` and `infer` run the embedded demo
+(`demo.gin`: a tiny T5 on data bundled with the package, writing to ./prompt_jax_demo unless
+`--gin.MODEL_DIR` says otherwise).
 
 Errors are one line naming the thing and what was expected, and exit non-zero;
 `--verbose` adds the traceback.
@@ -181,7 +183,7 @@ def parse_gin(command: str, files: Sequence[str], bindings: Sequence[str],
     gin.config._FILE_READERS[:] = [(open, os.path.isfile)]
     for path in [p for p in search_paths.split(",") if p] + [os.getcwd(), gin_dir()]:
         gin.add_config_file_search_path(path)
-    files = list(files) or [DEMO_GIN[command]]
+    files = list(files) or run_config_files(command, bindings) or [DEMO_GIN[command]]
     # gin logs an error for every search path a file is not in; the real error is raised.
     root = logging.getLogger()
     level = root.level
@@ -210,6 +212,35 @@ def parse_gin(command: str, files: Sequence[str], bindings: Sequence[str],
                          f"{', '.join(missing)}: set "
                          + ", ".join(f"--gin.{name}=..." for name in missing)
                          + " or bind them in a gin file")
+
+
+RUN_GIN = {"eval": "runs/prompt_eval.gin", "infer": "runs/prompt_infer.gin"}
+
+
+def run_config_files(command: str, bindings: Sequence[str]) -> list[str]:
+    """`eval`/`infer` with no --gin_file and `--gin.MODEL_DIR` naming a finished run: the
+    job's run file, then the run's own MODEL_DIR/config.gin (its model, task, lengths, data
+    paths and method), so a run of any method is evaluated without repeating its gin files.
+    [] otherwise (no such config.gin: the demo's files, as before)."""
+    import ast
+
+    if command not in RUN_GIN:
+        return []
+    model_dir = None
+    for binding in bindings:
+        name, _, value = binding.partition("=")
+        if name.strip() == "MODEL_DIR":
+            try:
+                model_dir = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise UsageError(f"--gin.MODEL_DIR={value.strip()}: expected a quoted path, "
+                                 f"e.g. --gin.MODEL_DIR=\"'{value.strip()}'\"") from None
+    if not isinstance(model_dir, str):
+        return []
+    config = os.path.join(model_dir, "config.gin")  # model_dir.CONFIG (cli imports no jax)
+    if not os.path.isfile(config):  # not a run (e.g. infer's output directory): the demo
+        return []
+    return [RUN_GIN[command], os.path.abspath(config)]
 
 
 def _macros() -> set[str]:
@@ -272,6 +303,13 @@ def _export_peft(prompt_path: str, out_dir: str, base_model: str | None) -> int:
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir}: exists and is not a directory")
+    from prompt_jax.methods import deep_prompts
+
+    if deep_prompts.is_deep_prompt_artifact(prompt_path):  # prefix tuning's key/value prefixes
+        shape = deep_prompts.export_peft(prompt_path, out_dir, base_model)
+        print(f"wrote a PEFT PREFIX_TUNING adapter ({shape[0]} virtual tokens x {shape[1]}) "
+              f"to {out_dir}")
+        return 0
     prompt = load_prompt_artifact(prompt_path)
     save_peft(prompt, out_dir, base_model)
     print(f"wrote a PEFT PROMPT_TUNING adapter ({prompt.shape[0]} virtual tokens x "

@@ -29,6 +29,7 @@ import seqio
 import tensorflow as tf
 
 from prompt_jax import tasks  # noqa: F401 (registers the tasks)
+from prompt_jax.methods import templates
 from prompt_jax.tasks import benchmarks
 
 _CONVERTER = seqio.EncDecFeatureConverter(pack=False)
@@ -75,13 +76,16 @@ def get_dataset(
       task_or_mixture_name: a registered name, e.g. "super_glue_rte".
       split: "train", "validation" or "test".
       feature_lengths: {"inputs": text tokens (the prompt comes on top), "targets": L};
-        longer inputs and targets are cut (EOS kept last).
+        longer inputs and targets are cut (EOS kept last). With a template's soft tokens
+        the inputs are built `inputs + soft count` long (the soft tokens on top).
       shuffle: shuffle the examples (training).
       seed: makes order and random preprocessing reproducible; None: random.
       num_epochs: passes over the data; None repeats forever.
       shard_info: this host's shard of the examples.
     """
     lengths = check_lengths(feature_lengths)
+    # A template's soft tokens come on top of the text budget (methods/templates.py).
+    lengths = templates.feature_lengths(task_or_mixture_name, lengths)
     provider = seqio.get_mixture_or_task(task_or_mixture_name)
     ds = provider.get_dataset(
         sequence_length=lengths, split=split, shuffle=shuffle, seed=seed,

@@ -19,6 +19,7 @@ import numpy as np
 
 from prompt_jax import build, decoding, losses, partitioning, rank_classification
 from prompt_jax import model_dir as model_dir_lib
+from prompt_jax.methods import multitask
 from prompt_jax.pytree import flatten, unflatten
 from prompt_jax.t5.model import PROMPT_PATH, T5
 
@@ -226,15 +227,28 @@ def evaluate(*, mixture_or_task_name: str = gin.REQUIRED,
 
     data.check_name(mixture_or_task_name)
     mesh = partitioning.make_mesh(mesh_shape)
+    if not prompt_file and (by_task := multitask.default_prompt_files(model_dir,
+                                                                      mixture_or_task_name)):
+        if len(by_task) > 1:  # a multi-task run: one prompt per task
+            raise ValueError(f"{model_dir} holds one prompt per task ({', '.join(by_task)}); "
+                             "evaluate one task: MIXTURE_OR_TASK_NAME=<one of them>")
+        prompt_file = next(iter(by_task.values()))
     served = build.load_served(model, initial_checkpoint, model_dir,
                                [prompt_file] if prompt_file else None, seed)
-    flat = dict(flatten(served.frozen))
+    flat = served.with_deep_prompt(dict(flatten(served.frozen)))
     prompt_length = 0
     for name, prompt in served.prompts.items():  # at most one
         flat[PROMPT_PATH] = prompt
         prompt_length, prompt_file = prompt.shape[0], served.sources[name]
-    params = build.place_params(served.config, unflatten(flat), mesh, prompt_length)
-    evaluator = TaskEvaluator(T5(served.config, prompt_length=prompt_length),
+    prompt_file = ", ".join(filter(None, [prompt_file, served.deep_prompt_source])) or None
+    from prompt_jax.methods import templates
+
+    # With a template's soft tokens the prompt's rows go there (methods/templates.py).
+    templates.check_prompt_length(mixture_or_task_name, prompt_length, prompt_file or "the model")
+    model = served.model(prompt_length).clone(
+        soft_token_id=templates.model_soft_token_id(mixture_or_task_name))
+    params = build.place_params(served.config, unflatten(flat), mesh, model=model)
+    evaluator = TaskEvaluator(model,
                               mixture_or_task_name, split, task_feature_lengths, batch_size,
                               mesh=mesh, num_examples=eval_examples,
                               truncate_inputs=truncate_inputs)

@@ -28,7 +28,8 @@ import numpy as np
 
 from prompt_jax import build, decoding, partitioning, prompts, serving
 from prompt_jax import model_dir as model_dir_lib
-from prompt_jax.t5.model import T5
+from prompt_jax.methods import multitask
+from prompt_jax.pytree import flatten, unflatten
 
 
 @gin.configurable
@@ -76,10 +77,25 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
     mesh = partitioning.make_mesh(mesh_shape)
     partitioning.check_batch_size(batch_size, mesh.shape["data"])
     by_task = dict(prompt_files_by_task or {})
+    if not (by_task or prompt_files or prompt_file):  # a multi-task run: each task's prompt
+        by_task = multitask.default_prompt_files(model_dir, mixture_or_task_name)
     served = build.load_served(
         model, initial_checkpoint, model_dir,
         by_task or list(prompt_files or ([prompt_file] if prompt_file else [])), seed)
-    params = build.place_params(served.config, served.frozen, mesh)
+    from prompt_jax.methods import templates
+
+    # A task's template with soft tokens: the prompts' rows go there (methods/templates.py).
+    model = served.model().clone(soft_token_id=None if input_file else
+                                 templates.model_soft_token_id(mixture_or_task_name))
+    if model.soft_token_id is not None and truncate_inputs:
+        raise ValueError(f"infer.truncate_inputs would cut the end of {mixture_or_task_name}'s "
+                         "template (its soft tokens with it); run without it")
+    for name, prompt in served.prompts.items():
+        if model.soft_token_id is not None:
+            templates.check_prompt_length(mixture_or_task_name, prompt.shape[0],
+                                          served.sources[name])
+    params = build.place_params(served.config, unflatten(served.with_deep_prompt(
+        dict(flatten(served.frozen)))), mesh, model=model)
     vocab = tasks.get_vocabulary()
 
     examples = _read_examples(input_file, mixture_or_task_name, split, vocab, max_examples)
@@ -97,7 +113,6 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
     predict = _ensemble_predictions if len(served.prompts) > 1 and not by_task \
         else _predictions
     max_len = decoding_spec.max_decode_length or task_feature_lengths["targets"]
-    model = T5(served.config)
     # The prompts, left-padded into one array once: (names, prompts [N, P, E], mask [N, P]).
     packed = (list(served.prompts), *serving.pack_prompts(list(served.prompts.values()))) \
         if served.prompts else None

@@ -8,7 +8,13 @@
       tb/<split>/         TensorBoard scalars of the same
       checkpoints/<step>/ train state (orbax): step, trainable params, optimizer state
       prompts/<step>.npy  the prompt at each checkpoint ([P, E] float32)
+      task_prompts/<task>/<step>.npy, task_prompts/<task>/best_prompt.npy
+                          multi-task prompts (methods/multitask.py): each task's combined
+                          prompt [P_t, E] at each checkpoint and at the best eval
       best_prompt.npy     the prompt of the best validation eval so far (early stopping)
+      deep_prompts/<step>.npz, best_deep_prompt.npz
+                          deep prompts (P-tuning v2, prefix tuning; methods/deep_prompts.py):
+                          the key/value prefix matrix (a projection's output) with its layout
       best.json           {step, metric, value, metrics} of that eval
       base_model/         the frozen weights of a run that started from random weights (HF)
       hf_export/          the final weights as an HF directory (`train.export_hf`)
@@ -33,6 +39,9 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
 PROMPTS = "prompts"
+TASK_PROMPTS = "task_prompts"
+DEEP_PROMPTS = "deep_prompts"
+BEST_DEEP_PROMPT = "best_deep_prompt.npz"
 BEST_PROMPT = "best_prompt.npy"
 BEST = "best.json"
 BASE_MODEL = "base_model"
@@ -40,8 +49,8 @@ HF_EXPORT = "hf_export"
 PREDICTIONS = "predictions.jsonl"
 
 # What a train run writes, and what `--overwrite` clears (eval/infer outputs are kept).
-RUN_OUTPUTS = (CHECKPOINTS, PROMPTS, TENSORBOARD, METRICS, BEST_PROMPT, BEST, BASE_MODEL,
-               HF_EXPORT, CONFIG)
+RUN_OUTPUTS = (CHECKPOINTS, PROMPTS, TASK_PROMPTS, DEEP_PROMPTS, TENSORBOARD, METRICS,
+               BEST_PROMPT, BEST_DEEP_PROMPT, BEST, BASE_MODEL, HF_EXPORT, CONFIG)
 
 # The first line of every config.gin this version writes. A run whose config.gin lacks it
 # was made when TASK_FEATURE_LENGTHS['inputs'] counted the prompt's positions (the text was
@@ -49,9 +58,11 @@ RUN_OUTPUTS = (CHECKPOINTS, PROMPTS, TENSORBOARD, METRICS, BEST_PROMPT, BEST, BA
 CONFIG_HEADER = ("# prompt_jax config v2: TASK_FEATURE_LENGTHS['inputs'] is the input text; "
                  "the prompt comes on top")
 
-# Config lines that may change when a run is resumed: where it lives (a moved MODEL_DIR)
-# and how long it runs (extending TRAIN_STEPS).
-_RESUMABLE_CHANGES = ("MODEL_DIR =", "train.model_dir =", "TRAIN_STEPS =", "train.train_steps =")
+# Config lines that may change when a run is resumed: where it lives (a moved MODEL_DIR),
+# how long it runs (TRAIN_STEPS) and how often it evaluates (EVAL_PERIOD): none of them
+# changes the steps already taken or those to come.
+_RESUMABLE_CHANGES = ("MODEL_DIR =", "train.model_dir =", "TRAIN_STEPS =", "train.train_steps =",
+                      "EVAL_PERIOD =", "train.eval_period =")
 
 
 def path(model_dir: str, name: str) -> str:
@@ -61,6 +72,17 @@ def path(model_dir: str, name: str) -> str:
 def prompt_at(model_dir: str, step: int) -> str:
     """`prompts/<step>.npy`."""
     return os.path.join(model_dir, PROMPTS, f"{step}.npy")
+
+
+def task_prompt_at(model_dir: str, task: str, step: int | None = None) -> str:
+    """`task_prompts/<task>/<step>.npy`; without a step `task_prompts/<task>/best_prompt.npy`."""
+    name = BEST_PROMPT if step is None else f"{step}.npy"
+    return os.path.join(model_dir, TASK_PROMPTS, task, name)
+
+
+def deep_prompt_at(model_dir: str, step: int) -> str:
+    """`deep_prompts/<step>.npz`."""
+    return os.path.join(model_dir, DEEP_PROMPTS, f"{step}.npz")
 
 
 def eval_results(model_dir: str, split: str) -> str:

@@ -10,6 +10,7 @@ an interrupted run ends with exactly the prompt of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 from collections.abc import Sequence
@@ -26,6 +27,10 @@ from prompt_jax import model_dir as model_dir_lib
 from prompt_jax.checkpoints import save_hf
 from prompt_jax.checkpoints.train_state import TrainStateCheckpointer
 from prompt_jax.evaluation import flat_metrics, format_metrics, is_loss
+from prompt_jax.methods import deep_prompts, multitask, p_tuning
+from prompt_jax.methods.deep_prompts import DeepPromptSpec
+from prompt_jax.methods.multitask import MultitaskPrompts
+from prompt_jax.methods.p_tuning import PromptEncoderSpec
 from prompt_jax.pytree import flatten
 from prompt_jax.t5.model import PROMPT_PATH, T5
 from prompt_jax.train_step import (
@@ -62,6 +67,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           keep_checkpoints: int = 2, model: build.ModelSpec = build.ModelSpec(),
           initial_checkpoint: str | None = None, prompt_length: int = 100,
           prompt_init: build.PromptInit = build.PromptInit(),
+          prompt_encoder: PromptEncoderSpec | None = None,
+          multitask_prompts: MultitaskPrompts | None = None,
+          deep_prompt: DeepPromptSpec | None = None,
           trainable: Sequence[str] = optim.DEFAULT_TRAINABLE, optimizer: Any = None,
           loss: LossConfig = LossConfig(), eval_split: str | None = "validation",
           eval_examples: int | None = None, eval_batch_size: int | None = None,
@@ -77,11 +85,17 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     directory to MODEL_DIR/hf_export: how a pretraining run hands its model to the next
     stage (LM adaptation, then prompt tuning). `num_microbatches` accumulates the gradient
     of each batch over that many microbatches in the step (activation memory of one
-    microbatch; the same update, `train_step.make_train_step`).
+    microbatch; the same update, `train_step.make_train_step`). `multitask_prompts`
+    (methods/multitask.gin) trains a shared prompt and one per task of the mixture in
+    place of the one prompt (`prompt_length` 0; methods/multitask.py). `deep_prompt`
+    (methods/p_tuning_v2.gin, methods/prefix_tuning.gin) adds learned key/value prefixes
+    to the attention (methods/deep_prompts.py), saved as deep_prompts/<step>.npz and
+    best_deep_prompt.npz.
     """
     from prompt_jax import data
 
-    _check_args(train_steps, batch_size, eval_period, prompt_length, trainable)
+    _check_args(train_steps, batch_size, eval_period, prompt_length, trainable,
+                multitask_prompts, deep_prompt)
     lengths = data.check_lengths(task_feature_lengths)
     data.check_name(mixture_or_task_name)
     tx = optimizer or optim.adafactor()
@@ -97,12 +111,13 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     run = _Run(model_dir, mesh, keep_checkpoints, early_stopping_metric)
     try:
         run.setup_state(model, initial_checkpoint, prompt_length, prompt_init, trainable, tx,
-                        seed, mixture_or_task_name)
+                        seed, mixture_or_task_name, prompt_encoder, multitask_prompts,
+                        deep_prompt)
         step_fn = jit_train_step(make_train_step(run.model, tx, loss, dropout_seed=seed,
                                                  num_microbatches=num_microbatches),
                                  mesh, run.shardings)
         batches = _train_batches(mixture_or_task_name, lengths, batch_size, mesh, data_seed,
-                                 run.start_step)
+                                 run.start_step, getattr(run.model, "task_names", None))
         evaluator = _evaluator(run.model, mixture_or_task_name, eval_split, lengths,
                                eval_batch_size or batch_size, mesh, eval_examples,
                                truncate_eval_inputs) if eval_split else None
@@ -162,20 +177,43 @@ class _Run:
         self.last_good: int | None = None  # the newest checkpoint known to be intact
 
     def setup_state(self, spec, initial_checkpoint, prompt_length, prompt_init, trainable, tx,
-                    seed, task_name) -> None:
+                    seed, task_name, prompt_encoder=None, multitask_prompts=None,
+                    deep_prompt=None) -> None:
         """The frozen model, the first prompt, the sharded state; resumed if a checkpoint
         of this run verifies."""
         from prompt_jax import tasks
 
         config, frozen_host = build.load_frozen(spec, initial_checkpoint, self.model_dir, seed)
-        self.config, self.model = config, T5(config, prompt_length=prompt_length)
+        self.config = config
+        from prompt_jax.methods import templates, verbalizers  # tf, seqio
+
+        # A template with soft tokens places the prompt's rows there (methods/templates.py).
+        templates.check_prompt_length(task_name, prompt_length, "PROMPT_LENGTH")
+        self.model = T5(config, prompt_length=prompt_length, prompt_encoder=prompt_encoder,
+                        soft_token_id=templates.model_soft_token_id(task_name))
         host = dict(flatten(frozen_host))
         if prompt_length:
+            # Class labels: a bound verbalizer's words, else the task's labels.
             initializer = build.prompt_initializer(prompt_init, build.embedding_table(frozen_host),
                                                    tasks.get_vocabulary(),
-                                                   tasks.class_labels(task_name))
-            host[PROMPT_PATH] = np.asarray(initializer(jax.random.PRNGKey(seed + 1),
-                                                       (prompt_length, config.d_model)))
+                                                   verbalizers.init_labels(task_name))
+            # The prompt, or P-tuning's encoder inputs (with the encoder's first weights).
+            host.update(p_tuning.initial_params(
+                prompt_encoder or PromptEncoderSpec(),
+                np.asarray(initializer(jax.random.PRNGKey(seed + 1),
+                                       (prompt_length, config.d_model))),
+                jax.random.PRNGKey(seed + 2)))
+        if multitask_prompts is not None:  # a shared prompt and one per task
+            self.model = multitask_prompts.model(config, task_name)
+            host.update(multitask.initial_params(
+                self.model, lambda labels: build.prompt_initializer(
+                    prompt_init, build.embedding_table(frozen_host), tasks.get_vocabulary(),
+                    labels), jax.random.PRNGKey(seed + 1)))
+        if deep_prompt is not None:  # key/value prefixes (P-tuning v2, prefix tuning)
+            self.model = self.model.clone(deep_prompt_spec=deep_prompt)
+            host.update({f"{deep_prompts.DEEP_PROMPT_PATH}/{k}": v for k, v in flatten(
+                deep_prompts.init_params(deep_prompt, config, jax.random.PRNGKey(seed + 3))
+            ).items()})
         self.state, self.frozen, self.shardings = initial_state(
             self.mesh, self.model, optim.unflatten(host), trainable, tx)
         restored = self.checkpointer.restore(jax.eval_shape(lambda: self.state),
@@ -192,8 +230,9 @@ class _Run:
         return optim.merge_params(self.state.trainable, self.frozen)
 
     def prompt(self) -> np.ndarray | None:
-        flat = flatten(self.state.trainable)
-        return np.asarray(jax.device_get(flat[PROMPT_PATH])) if PROMPT_PATH in flat else None
+        """The prompt [P, E] (P-tuning: its encoder's output), what every prompt file holds."""
+        return p_tuning.prompt_of(flatten(self.state.trainable),
+                                  getattr(self.model, "prompt_encoder", None))
 
     def log_train(self, step: int, metrics: Any, progress: logs.Progress, period: int) -> None:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -214,6 +253,10 @@ class _Run:
         prompt = self.prompt()
         if prompt is not None and logs.is_primary():
             prompts.save_prompt(model_dir_lib.prompt_at(self.model_dir, step), prompt)
+        self.save_deep_prompt(model_dir_lib.deep_prompt_at(self.model_dir, step))
+        if isinstance(self.model, multitask.MultitaskT5) and logs.is_primary():
+            multitask.save_task_prompts(self.state.trainable, self.model, lambda task:
+                                        model_dir_lib.task_prompt_at(self.model_dir, task, step))
 
     def evaluate(self, evaluator: Any, split: str, step: int, progress: logs.Progress) -> None:
         """Evaluate; keep the best prompt by the early-stopping metric (the paper's
@@ -233,12 +276,30 @@ class _Run:
             if prompt is not None and logs.is_primary():
                 prompts.save_prompt(model_dir_lib.path(self.model_dir,
                                                        model_dir_lib.BEST_PROMPT), prompt)
+            self.save_deep_prompt(model_dir_lib.path(self.model_dir,
+                                                     model_dir_lib.BEST_DEEP_PROMPT))
+            if isinstance(self.model, multitask.MultitaskT5) and logs.is_primary():
+                multitask.save_task_prompts(self.state.trainable, self.model, lambda task:
+                                            model_dir_lib.task_prompt_at(self.model_dir, task))
             model_dir_lib.write_best(self.model_dir, self.best)
+
+    def save_deep_prompt(self, path: str) -> None:
+        """The deep prompt's matrix (a projection's output), all inference needs."""
+        spec = getattr(self.model, "deep_prompt_spec", None)
+        if spec is None:
+            return
+        params = jax.device_get(self.params()[deep_prompts.DEEP_PROMPT_PATH])
+        matrix = deep_prompts.deep_prompt_matrix(spec, self.config, params)
+        if logs.is_primary():
+            deep_prompts.save_deep_prompt(path, spec, self.config, matrix)
 
     def export_hf(self) -> None:
         params = jax.device_get(self.params())
         if logs.is_primary():
-            params = {k: v for k, v in flatten(params).items() if k != PROMPT_PATH}
+            params = {k: v for k, v in flatten(params).items()
+                      if k != PROMPT_PATH and not k.startswith(p_tuning.SCOPE)
+                      and not k.startswith(multitask.SCOPE)
+                      and not k.startswith(deep_prompts.DEEP_PROMPT_PATH + "/")}
             save_hf(self.config, optim.unflatten(jax.tree.map(np.asarray, params)),
                     model_dir_lib.path(self.model_dir, model_dir_lib.HF_EXPORT))
 
@@ -256,14 +317,19 @@ class _Run:
 # --------------------------------------------------------------------------- setup
 
 
-def _check_args(train_steps, batch_size, eval_period, prompt_length, trainable) -> None:
+def _check_args(train_steps, batch_size, eval_period, prompt_length, trainable,
+                multitask_prompts=None, deep_prompt=None) -> None:
     for name, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
                         ("EVAL_PERIOD", eval_period)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(prompt_length, int) or prompt_length < 0:
         raise ValueError(f"PROMPT_LENGTH must be a non-negative integer, got {prompt_length!r}")
-    if prompt_length == 0 and tuple(trainable) == tuple(optim.DEFAULT_TRAINABLE):
+    if multitask_prompts is not None and prompt_length:
+        raise ValueError(f"train.prompt_length={prompt_length}: multi-task prompts replace the "
+                         "one prompt; set train.prompt_length = 0 (methods/multitask.gin does)")
+    if (prompt_length == 0 and multitask_prompts is None and deep_prompt is None
+            and tuple(trainable) == tuple(optim.DEFAULT_TRAINABLE)):
         raise ValueError("PROMPT_LENGTH=0 leaves nothing to train: prompt tuning needs "
                          "PROMPT_LENGTH > 0 (model tuning sets TRAINABLE=['.*'])")
 
@@ -286,7 +352,7 @@ def _print_memory_plan(spec, mesh_shape, batch_size, prompt_length, trainable, l
 
 
 def _train_batches(task_name: str, lengths: dict[str, int], batch_size: int, mesh: Any,
-                   data_seed: int, start_step: int):
+                   data_seed: int, start_step: int, task_names: Sequence[str] | None = None):
     """This process's shard of the train split, batched, resumed after `start_step`
     batches, as global arrays on the mesh."""
     import seqio
@@ -299,7 +365,10 @@ def _train_batches(task_name: str, lengths: dict[str, int], batch_size: int, mes
         _say(f"train: {stats}")
     shard_index, num_shards = partitioning.data_shard(mesh)
     per_process = batch_size // num_shards
-    ds = data.get_dataset(task_name, "train", lengths, shuffle=True, seed=data_seed,
+    get_dataset = data.get_dataset
+    if task_names:  # multi-task prompts: every example with its task's index
+        get_dataset = functools.partial(multitask.get_dataset, task_names=task_names)
+    ds = get_dataset(task_name, "train", lengths, shuffle=True, seed=data_seed,
                           num_epochs=None, shard_info=seqio.ShardInfo(shard_index, num_shards))
     local = ds.batch(per_process, drop_remainder=True).skip(start_step).prefetch(2)
 
@@ -313,6 +382,9 @@ def _train_batches(task_name: str, lengths: dict[str, int], batch_size: int, mes
 
 
 def _evaluator(model, task_name, split, lengths, batch_size, mesh, num_examples, truncate):
+    if isinstance(model, multitask.MultitaskT5):  # each task with its combined prompt
+        return multitask.MultitaskEvaluator(model, split, lengths, batch_size, mesh=mesh,
+                                            num_examples=num_examples, truncate_inputs=truncate)
     from prompt_jax.evaluation import TaskEvaluator
 
     evaluator = TaskEvaluator(model, task_name, split, lengths, batch_size, mesh=mesh,

@@ -74,9 +74,11 @@ def compute_loss(model: T5, params: Any, batch: Batch, loss_config: LossConfig,
                  dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
     """Teacher-forced loss of `batch` under `params` (dropout on iff `dropout_rng`)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    # A multi-task batch carries each row's task (methods/multitask.py).
+    task = {"task_index": batch["task_index"]} if "task_index" in batch else {}
     logits = model.apply({"params": params}, batch["encoder_input_tokens"],
                          batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                         enable_dropout=dropout_rng is not None, rngs=rngs)
+                         enable_dropout=dropout_rng is not None, rngs=rngs, **task)
     objective, aux = losses.cross_entropy_with_logits(
         logits, batch["decoder_target_tokens"], losses.loss_weights(batch),
         z_loss=loss_config.z_loss, label_smoothing=loss_config.label_smoothing,
@@ -190,9 +192,9 @@ def initial_state(mesh: jax.sharding.Mesh, model: T5, host_params: Any,
     """
     from prompt_jax.checkpoints.tree import check_params
 
-    check_params(host_params, model.config, "initial_state", model.prompt_length)
+    check_params(host_params, model.config, "initial_state", model.prompt_length, model=model)
     params_sh = partitioning.params_shardings(
-        mesh, abstract_params(model.config, model.prompt_length, boxed=True))
+        mesh, abstract_params(model.config, model.prompt_length, boxed=True, model=model))
     trainable_host, frozen_host = optim.split_params(host_params, trainable)
     trainable_sh, frozen_sh = optim.split_params(params_sh, trainable)
     if not flatten(frozen_host):

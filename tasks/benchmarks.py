@@ -24,6 +24,8 @@ from prompt_jax.tasks import formats, metrics, postprocessors, pretraining
 from prompt_jax.tasks.config import OUTPUT_FEATURES
 from prompt_jax.tasks.sources import BenchmarkSource, TextSource
 
+from prompt_jax.methods import templates
+
 SENTINEL_SUFFIX = "_sentinel"
 TASKLESS_PREFIX = "taskless_"
 SUPER_GLUE_TFDS_VERSION = "1.0.2"
@@ -55,6 +57,10 @@ class Spec:
     splits: tuple[str, ...] = ("train", "validation", "test")
     tfds_splits: dict[str, str] = dataclasses.field(default_factory=dict)
     train_filter: Callable | None = None
+    # The T5 format's leading word and (name shown, row key) fields: what a template
+    # (prompt_jax/methods/templates.py) names; empty for ReCoRD and WSC (no templates).
+    benchmark: str = ""
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 def _classification(name, task, tfds_name, benchmark, fields, labels, metric_fns, **kw) -> Spec:
@@ -62,7 +68,8 @@ def _classification(name, task, tfds_name, benchmark, fields, labels, metric_fns
         name=name, task=task, tfds_name=tfds_name,
         format=formats.text_to_text(benchmark, fields, labels),
         postprocess=kw.pop("postprocess", postprocessors.class_id(labels)),
-        metric_fns=metric_fns, labels=tuple(labels), **kw,
+        metric_fns=metric_fns, labels=tuple(labels), benchmark=benchmark,
+        fields=tuple(fields), **kw,
     )  # fmt: skip
 
 
@@ -146,14 +153,13 @@ def register() -> None:
         source = BenchmarkSource(spec.task, spec.tfds_name, spec.splits, spec.tfds_splits,
                                  spec.train_filter)  # fmt: skip
         for taskless, sentinel in itertools.product((False, True), repeat=2):
-            steps = [spec.format]
-            if taskless:
-                steps.append(formats.remove_first_word)
-            steps.append(seqio.preprocessors.tokenize)
+            name = variant_name(spec.name, taskless=taskless, sentinel=sentinel)
+            # The T5 format (+ remove_first_word), tokenized; or the task's template.
+            steps = [templates.preprocessor(spec, name, taskless)]
             if sentinel:
                 steps.append(formats.prepend_sentinel)
             _add_task(
-                variant_name(spec.name, taskless=taskless, sentinel=sentinel),
+                name,
                 source=source,
                 preprocessors=[*steps, seqio.preprocessors.append_eos_after_trim],
                 postprocess_fn=postprocessors.strip_sentinel(spec.postprocess)

@@ -193,8 +193,8 @@ REFUSALS = {
                     r"P_TUNING"),
     "prefix_tuning": (lambda t5, d: _peft_made(t5, d, peft.PrefixTuningConfig(
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P)),
-        ValueError, r"adapter_config.json: peft_type is 'PREFIX_TUNING', expected .*not "
-                    r"supported yet as a prompt"),
+        ValueError, r"adapter_config.json: peft_type is 'PREFIX_TUNING', expected .*load as "
+                    r"a deep prompt \(load_peft_prefix\)"),
     "causal_lm": (lambda t5, d: _edit_config(d, task_type="CAUSAL_LM"),
                   ValueError, r"adapter_config.json: task_type is 'CAUSAL_LM', expected "
                               r"'SEQ_2_SEQ_LM'"),

@@ -184,9 +184,11 @@ def test_same_source_postprocessor_and_metrics(name):
             assert variant._postprocess_fn is not base._postprocess_fn
         else:
             assert variant._postprocess_fn is base._postprocess_fn
-        # Preprocessors: the sentinel-or-not twin's, with remove_first_word after the format.
-        steps = list(same.preprocessors)
-        assert list(variant.preprocessors) == [steps[0], formats.remove_first_word, *steps[1:]]
+        # Preprocessors: the sentinel-or-not twin's; the text step (the format, tokenized, or
+        # a template: methods/templates.py) with remove_first_word after the format.
+        steps, text = list(same.preprocessors), variant.preprocessors[0]
+        assert (text.spec, text.taskless, steps[0].taskless) == (steps[0].spec, True, False)
+        assert list(variant.preprocessors[1:]) == steps[1:]
 
 
 def test_postprocess_through_the_taskless_sentinel_variant(data_dir):

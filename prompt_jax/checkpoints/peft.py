@@ -10,6 +10,11 @@ types are plain prompts. PEFT's seq2seq forward and generate prepend rows
 `num_transformer_submodules=2` (PEFT's default for SEQ_2_SEQ_LM) the second block is
 saved but unused by these two types. Those first rows are the prompt.
 
+PREFIX_TUNING adapters hold per-layer key/value prefixes, `prompt_embeddings`
+`[num_virtual_tokens, num_layers * 2 * token_dim]` (with `prefix_projection`, the
+projection's output); `load_peft_prefix` / `save_peft_prefix` read and write them as
+prompt_jax's prefix_tuning deep prompt (methods/deep_prompts.py says where PEFT puts them).
+
 Pickled `adapter_model.bin` files are refused, never unpickled. bfloat16 and float16
 tensors are read (safetensors' numpy reader has no bfloat16, so the file is parsed
 here: an 8-byte little-endian header size, a JSON header, the raw data).
@@ -33,7 +38,8 @@ PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 TASK_TYPE = "SEQ_2_SEQ_LM"
 _WHY_NOT = {
     "PREFIX_TUNING": "prefix tuning adapters hold per-layer attention keys/values, not an "
-                     "input prompt; they are not supported yet as a prompt",
+                     "input prompt; they load as a deep prompt (load_peft_prefix), not as a "
+                     "prompt [P, E]",
     "MULTITASK_PROMPT_TUNING": "multi-task prompt tuning adapters (a shared prompt times "
                                "per-task factors) are not supported",
 }
@@ -225,3 +231,123 @@ def load_peft(directory: str, d_model: int | None = None) -> np.ndarray:
         raise ValueError(f"{weights}: {PROMPT_TENSOR} holds "
                          f"{int(tensor.size - np.isfinite(tensor).sum())} NaN/inf values")
     return tensor[:length]
+
+
+# ------------------------------------------------------- PREFIX_TUNING (deep prompts)
+
+PREFIX_TYPE = "PREFIX_TUNING"
+
+
+def save_peft_prefix(matrix: np.ndarray, directory: str,
+                     base_model_name_or_path: str | None = None, *,
+                     config: T5Config | None = None, num_layers: int | None = None,
+                     num_heads: int | None = None, d_kv: int | None = None) -> None:
+    """Write a prefix-tuning matrix [N, num_layers*2*H*D] (`methods.deep_prompts`, method
+    prefix_tuning) as a PEFT PREFIX_TUNING adapter for a seq2seq T5 of `config` (or of
+    the sizes given: the encoder's depth, heads, d_kv).
+
+    `PeftModel.from_pretrained(t5, directory)` then gives prompt_jax's logits: the fields are
+    those PEFT 0.21 writes (`num_transformer_submodules=2`, `prefix_projection=False`: the
+    saved matrix is the prefix itself, as PEFT saves a projected one). Raises ValueError
+    naming `directory` for a matrix of another shape or holding NaN/inf.
+    """
+    from safetensors.numpy import save_file
+
+    directory = os.fspath(directory)
+    matrix = np.asarray(matrix, dtype=np.float32)
+    if config is not None:
+        num_layers, num_heads, d_kv = config.num_encoder_layers, config.num_heads, config.d_kv
+    d_model = _model_sizes(base_model_name_or_path, config)[0] or num_heads * d_kv
+    token_dim = num_heads * d_kv
+    width = num_layers * 2 * token_dim
+    if matrix.ndim != 2 or matrix.shape[1] != width:
+        raise ValueError(f"{directory}: refusing to save a prefix of shape {matrix.shape}, "
+                         f"expected [N, {width}] (num_layers {num_layers} x 2 x "
+                         f"token_dim {token_dim})")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{directory}: refusing to save a prefix holding "
+                         f"{int(matrix.size - np.isfinite(matrix).sum())} NaN/inf values")
+    adapter_config = {  # the fields PEFT 0.21 writes for PrefixTuningConfig, less peft_version
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "encoder_hidden_size": d_model,  # unused without prefix_projection
+        "inference_mode": True,
+        "init_weights": None,
+        "modules_to_save": None,
+        "num_attention_heads": num_heads,
+        "num_layers": num_layers,
+        "num_transformer_submodules": 2,
+        "num_virtual_tokens": int(matrix.shape[0]),
+        "peft_type": PREFIX_TYPE,
+        "prefix_projection": False,
+        "revision": None,
+        "task_type": TASK_TYPE,
+        "token_dim": token_dim,
+    }
+    os.makedirs(directory, exist_ok=True)
+
+    def write_config(path):
+        with open(path, "w") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    write_atomically(os.path.join(directory, ADAPTER_WEIGHTS),
+                      lambda path: save_file({PROMPT_TENSOR: np.ascontiguousarray(matrix)},
+                                             path, metadata={"format": "pt"}))
+    write_atomically(os.path.join(directory, ADAPTER_CONFIG), write_config)
+
+
+def is_peft_prefix(path: str) -> bool:
+    """Whether `path` is a PEFT adapter directory of peft_type PREFIX_TUNING."""
+    if not is_peft_adapter(path):
+        return False
+    try:
+        return read_adapter_config(os.fspath(path))[0].get("peft_type") == PREFIX_TYPE
+    except ValueError:
+        return False
+
+
+def load_peft_prefix(directory: str, config: T5Config) -> np.ndarray:
+    """The prefix matrix of a PEFT PREFIX_TUNING adapter -> float32 [N, num_layers*2*H*D].
+
+    What PEFT saves (its `prompt_embeddings`; with `prefix_projection` the projection's
+    output). Checked against the frozen model `config`: task_type SEQ_2_SEQ_LM,
+    `num_layers` = its encoder depth, `num_attention_heads` = its heads, `token_dim` = heads
+    x d_kv, `num_transformer_submodules` 2 (PEFT's seq2seq layout); raises naming the file
+    and the field, expected vs found.
+    """
+    directory = os.fspath(directory).rstrip("/") or "/"
+    found, config_path = read_adapter_config(directory)
+    if found.get("peft_type") != PREFIX_TYPE:
+        raise ValueError(f"{config_path}: peft_type is {found.get('peft_type')!r}, expected "
+                         f"{PREFIX_TYPE!r}")
+    if found.get("task_type") != TASK_TYPE:
+        raise ValueError(f"{config_path}: task_type is {found.get('task_type')!r}, expected "
+                         f"{TASK_TYPE!r} (prefixes for an encoder-decoder model such as T5)")
+    length = _positive_int(found, "num_virtual_tokens", config_path)
+    for field, want in (("num_layers", config.num_encoder_layers),
+                        ("num_attention_heads", config.num_heads),
+                        ("token_dim", config.joined_kv),
+                        ("num_transformer_submodules", 2)):
+        if found.get(field) != want:
+            raise ValueError(f"{config_path}: {field} is {found.get(field)!r}, expected {want} "
+                             "(the frozen model's; PEFT's seq2seq prefix layout)")
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        pickled = os.path.join(directory, "adapter_model.bin")
+        if os.path.isfile(pickled):
+            raise ValueError(f"{pickled}: a pickled PyTorch file, which prompt_jax refuses to "
+                             f"load; re-save the adapter as {ADAPTER_WEIGHTS}")
+        raise FileNotFoundError(f"{weights}: missing; a PEFT adapter directory holds "
+                                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    tensor = _safetensor(weights, PROMPT_TENSOR)
+    expected = (length, config.num_encoder_layers * 2 * config.joined_kv)
+    if tensor.shape != expected:
+        raise ValueError(f"{weights}: {PROMPT_TENSOR} has shape {tensor.shape}, expected "
+                         f"{expected} (num_virtual_tokens {length}, num_layers x 2 x token_dim "
+                         f"in {ADAPTER_CONFIG})")
+    tensor = tensor.astype(np.float32)
+    if not np.isfinite(tensor).all():
+        raise ValueError(f"{weights}: {PROMPT_TENSOR} holds "
+                         f"{int(tensor.size - np.isfinite(tensor).sum())} NaN/inf values")
+    return tensor

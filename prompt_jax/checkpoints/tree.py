@@ -21,17 +21,20 @@ def cast_params(params: dict[str, Any], dtype: Any) -> dict[str, Any]:
                       for k, v in flatten(params).items()})
 
 
-def expected_shapes(config: T5Config, prompt_length: int = 0) -> dict[str, tuple[int, ...]]:
-    """Every parameter path of `T5(config)` and its shape, without allocating."""
+def expected_shapes(config: T5Config, prompt_length: int = 0, model: Any = None
+                    ) -> dict[str, tuple[int, ...]]:
+    """Every parameter path of `T5(config)` (or of `model`, see `abstract_params`) and its
+    shape, without allocating."""
     from prompt_jax.t5.model import abstract_params  # late: model imports prompts
 
-    return {k: tuple(v.shape) for k, v in flatten(abstract_params(config, prompt_length)).items()}
+    tree = abstract_params(config, prompt_length, model=model)
+    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 
 
 def check_params(params: dict[str, Any], config: T5Config, source: str,
-                 prompt_length: int = 0) -> None:
+                 prompt_length: int = 0, model: Any = None) -> None:
     """Raise ValueError naming `source` and the parameter of a missing, extra or misshapen leaf."""
-    want = expected_shapes(config, prompt_length)
+    want = expected_shapes(config, prompt_length, model)
     have = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))

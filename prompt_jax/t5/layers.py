@@ -150,24 +150,30 @@ class RelativePositionBiases(nn.Module):
 
     @nn.compact
     def __call__(
-        self, q_len: int, k_len: int, bidirectional: bool, query_offset: Array | None = None
+        self, q_len: int, k_len: int, bidirectional: bool, query_offset: Array | None = None,
+        key_prefix: int = 0,
     ) -> Array:
-        """Bias [1, H, Q, K]. With `query_offset` (decoding), Q=1 at that position."""
+        """Bias [1, H, Q, N+K]. With `query_offset` (decoding), Q=1 at that position.
+
+        `key_prefix` N > 0: N prefix keys precede the K keys (deep prompts, prefix tuning) at
+        positions 0..N-1, the queries and keys shifted to N.. — what HF T5 computes for an
+        attention cache already holding N positions (`compute_bias(past_seen_tokens=N)`),
+        and so what PEFT's prefix tuning gets; bias[..., N:] is the bias without a prefix.
+        """
         table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(normal(0.1), ("heads", "relpos_buckets")),
             (self.num_heads, self.num_buckets),
             self.param_dtype,
         )
+        n = key_prefix
         if query_offset is None:
-            buckets = jnp.asarray(
-                _bucket_matrix(q_len, k_len, bidirectional, self.num_buckets, self.max_distance)
-            )
+            buckets = jnp.asarray(_bucket_matrix(
+                n + q_len, n + k_len, bidirectional, self.num_buckets, self.max_distance)[n:])
         else:
-            full = jnp.asarray(
-                _bucket_matrix(k_len, k_len, bidirectional, self.num_buckets, self.max_distance)
-            )
-            buckets = jax.lax.dynamic_slice_in_dim(full, query_offset, 1, axis=0)
+            full = jnp.asarray(_bucket_matrix(
+                n + k_len, n + k_len, bidirectional, self.num_buckets, self.max_distance))
+            buckets = jax.lax.dynamic_slice_in_dim(full, n + query_offset, 1, axis=0)
         # [H, buckets] gathered by [Q, K] -> [H, Q, K]
         bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)
         return bias[None].astype(self.dtype)
@@ -182,6 +188,10 @@ class MultiHeadAttention(nn.Module):
     (cross-attention: `x_kv` is the encoder output, the same at every step), the
     keys and values are projected once, when the cache is created, into
     `cached_cross_key`, `cached_cross_value` [B, K, H, D], and read from there after.
+
+    `kv_prefix` (keys, values), each [N, H, D] or [B, N, H, D], is prepended to the keys and
+    values after any cache (the cache holds the real positions only); every query sees the
+    N prefix positions, and `bias` must then cover them ([1, H, Q, N+K]).
     """
 
     num_heads: int
@@ -199,6 +209,7 @@ class MultiHeadAttention(nn.Module):
         mask: Array | None,
         bias: Array | None = None,
         *,
+        kv_prefix: tuple[Array, Array] | None = None,
         decode: bool = False,
         static_kv: bool = False,
         deterministic: bool = True,
@@ -240,6 +251,16 @@ class MultiHeadAttention(nn.Module):
                 written = jnp.arange(key.shape[1]) <= index
                 causal = written[None, None, None, :]
                 mask = causal if mask is None else jnp.logical_and(mask, causal)
+
+        if kv_prefix is not None:
+            batch = key.shape[0]
+            key, value = (jnp.concatenate([jnp.broadcast_to(
+                p.astype(x.dtype), (batch,) + p.shape[-3:]), x], axis=1)
+                for p, x in zip(kv_prefix, (key, value), strict=True))
+            if mask is not None:
+                n = kv_prefix[0].shape[-3]
+                seen = jnp.ones(mask.shape[:-1] + (n,), bool)
+                mask = jnp.concatenate([seen, mask], axis=-1)
 
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
         if bias is not None:
