@@ -79,8 +79,6 @@ def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: str |
     base model otherwise). Raises ValueError naming `directory` for a prompt that is not
     2-D, holds NaN/inf, or whose width is not the model's d_model.
     """
-    from safetensors.numpy import save_file
-
     directory = os.fspath(directory)
     prompt = np.asarray(prompt, dtype=np.float32)
     if prompt.ndim != 2:
@@ -111,6 +109,13 @@ def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: str |
         "tokenizer_kwargs": None,
         "tokenizer_name_or_path": None,
     }
+    _write_adapter(directory, adapter_config, prompt)
+
+
+def _write_adapter(directory: str, adapter_config: dict[str, Any], weights: np.ndarray) -> None:
+    """adapter_model.safetensors (PEFT's one tensor) and adapter_config.json, each atomically."""
+    from safetensors.numpy import save_file
+
     os.makedirs(directory, exist_ok=True)
 
     def write_config(path):
@@ -119,7 +124,7 @@ def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: str |
             f.write("\n")
 
     write_atomically(os.path.join(directory, ADAPTER_WEIGHTS),
-                      lambda path: save_file({PROMPT_TENSOR: np.ascontiguousarray(prompt)},
+                      lambda path: save_file({PROMPT_TENSOR: np.ascontiguousarray(weights)},
                                              path, metadata={"format": "pt"}))
     write_atomically(os.path.join(directory, ADAPTER_CONFIG), write_config)
 
@@ -251,8 +256,6 @@ def save_peft_prefix(matrix: np.ndarray, directory: str,
     saved matrix is the prefix itself, as PEFT saves a projected one). Raises ValueError
     naming `directory` for a matrix of another shape or holding NaN/inf.
     """
-    from safetensors.numpy import save_file
-
     directory = os.fspath(directory)
     matrix = np.asarray(matrix, dtype=np.float32)
     if config is not None:
@@ -284,17 +287,7 @@ def save_peft_prefix(matrix: np.ndarray, directory: str,
         "task_type": TASK_TYPE,
         "token_dim": token_dim,
     }
-    os.makedirs(directory, exist_ok=True)
-
-    def write_config(path):
-        with open(path, "w") as f:
-            json.dump(adapter_config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    write_atomically(os.path.join(directory, ADAPTER_WEIGHTS),
-                      lambda path: save_file({PROMPT_TENSOR: np.ascontiguousarray(matrix)},
-                                             path, metadata={"format": "pt"}))
-    write_atomically(os.path.join(directory, ADAPTER_CONFIG), write_config)
+    _write_adapter(directory, adapter_config, matrix)
 
 
 def is_peft_prefix(path: str) -> bool:
