@@ -154,6 +154,29 @@ def _positive_int(config: dict[str, Any], field: str, path: str) -> int:
     return value
 
 
+def _adapter_tensor(directory: str, expected: tuple[int, int], why: str) -> np.ndarray:
+    """The adapter's one tensor (safetensors only), float32, of shape `expected` (`why`: the
+    config fields that make it) and finite; raises naming the file."""
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        pickled = os.path.join(directory, "adapter_model.bin")
+        if os.path.isfile(pickled):
+            raise ValueError(f"{pickled}: a pickled PyTorch file, which prompt_jax refuses to "
+                             f"load; re-save the adapter as {ADAPTER_WEIGHTS} "
+                             "(save_pretrained(..., safe_serialization=True))")
+        raise FileNotFoundError(f"{weights}: missing; a PEFT adapter directory holds "
+                                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    tensor = _safetensor(weights, PROMPT_TENSOR)
+    if tensor.shape != expected:
+        raise ValueError(f"{weights}: {PROMPT_TENSOR} has shape {tensor.shape}, expected "
+                         f"{expected} ({why} in {ADAPTER_CONFIG})")
+    tensor = tensor.astype(np.float32)
+    if not np.isfinite(tensor).all():
+        raise ValueError(f"{weights}: {PROMPT_TENSOR} holds "
+                         f"{int(tensor.size - np.isfinite(tensor).sum())} NaN/inf values")
+    return tensor
+
+
 def _safetensor(path: str, name: str) -> np.ndarray:
     """Tensor `name` of a safetensors file, float dtypes only (bfloat16 included)."""
     import ml_dtypes
@@ -216,26 +239,9 @@ def load_peft(directory: str, d_model: int | None = None) -> np.ndarray:
         raise ValueError(f"{config_path}: field num_transformer_submodules is {submodules!r}, "
                          "expected 1 or 2")
 
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights):
-        pickled = os.path.join(directory, "adapter_model.bin")
-        if os.path.isfile(pickled):
-            raise ValueError(f"{pickled}: a pickled PyTorch file, which prompt_jax refuses to "
-                             f"load; re-save the adapter as {ADAPTER_WEIGHTS} "
-                             "(save_pretrained(..., safe_serialization=True))")
-        raise FileNotFoundError(f"{weights}: missing; a PEFT adapter directory holds "
-                                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    tensor = _safetensor(weights, PROMPT_TENSOR)
     expected = (length * submodules, width)
-    if tensor.shape != expected:
-        raise ValueError(f"{weights}: {PROMPT_TENSOR} has shape {tensor.shape}, expected "
-                         f"{expected} (num_virtual_tokens {length} x num_transformer_submodules "
-                         f"{submodules}, token_dim {width} in {ADAPTER_CONFIG})")
-    tensor = tensor.astype(np.float32)
-    if not np.isfinite(tensor).all():
-        raise ValueError(f"{weights}: {PROMPT_TENSOR} holds "
-                         f"{int(tensor.size - np.isfinite(tensor).sum())} NaN/inf values")
-    return tensor[:length]
+    return _adapter_tensor(directory, expected, f"num_virtual_tokens {length} x "
+                           f"num_transformer_submodules {submodules}, token_dim {width}")[:length]
 
 
 # ------------------------------------------------------- PREFIX_TUNING (deep prompts)
@@ -325,22 +331,6 @@ def load_peft_prefix(directory: str, config: T5Config) -> np.ndarray:
         if found.get(field) != want:
             raise ValueError(f"{config_path}: {field} is {found.get(field)!r}, expected {want} "
                              "(the frozen model's; PEFT's seq2seq prefix layout)")
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights):
-        pickled = os.path.join(directory, "adapter_model.bin")
-        if os.path.isfile(pickled):
-            raise ValueError(f"{pickled}: a pickled PyTorch file, which prompt_jax refuses to "
-                             f"load; re-save the adapter as {ADAPTER_WEIGHTS}")
-        raise FileNotFoundError(f"{weights}: missing; a PEFT adapter directory holds "
-                                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    tensor = _safetensor(weights, PROMPT_TENSOR)
     expected = (length, config.num_encoder_layers * 2 * config.joined_kv)
-    if tensor.shape != expected:
-        raise ValueError(f"{weights}: {PROMPT_TENSOR} has shape {tensor.shape}, expected "
-                         f"{expected} (num_virtual_tokens {length}, num_layers x 2 x token_dim "
-                         f"in {ADAPTER_CONFIG})")
-    tensor = tensor.astype(np.float32)
-    if not np.isfinite(tensor).all():
-        raise ValueError(f"{weights}: {PROMPT_TENSOR} holds "
-                         f"{int(tensor.size - np.isfinite(tensor).sum())} NaN/inf values")
-    return tensor
+    return _adapter_tensor(directory, expected,
+                           f"num_virtual_tokens {length}, num_layers x 2 x token_dim")
