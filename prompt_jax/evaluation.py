@@ -4,7 +4,8 @@ Predictions are greedy decodes with the KV cache; targets and postprocessing
 are the task's, exactly as seqio computes them, so the train job's validation
 metric, `prompt-jax eval` and the leaderboard-style metrics agree. Besides the
 task's metrics: `rank_accuracy` (rank classification over the label strings,
-`rank_classification`) and `loss` (cross-entropy per target token).
+`rank_classification`), `verbalizer_accuracy` where a verbalizer is bound
+(methods/verbalizers.py) and `loss` (cross-entropy per target token).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from prompt_jax import build, decoding, losses, partitioning, rank_classification
 from prompt_jax import model_dir as model_dir_lib
-from prompt_jax.methods import multitask
+from prompt_jax.methods import multitask, verbalizers
 from prompt_jax.pytree import flatten, unflatten
 from prompt_jax.t5.model import PROMPT_PATH, T5
 
@@ -90,6 +91,7 @@ class TaskEvaluator:
                     ds = ds.take(num_examples)
                 self.loss_datasets[task.name] = ds.cache().enumerate()
         self.ranked = {}  # task -> (candidate targets [C, L], {example index: gold label})
+        self.verbalized = {}  # task -> its bound verbalizer's words (methods/verbalizers.py)
         cached = self.evaluator.cached_task_datasets if self.evaluator else {}
         for task in tasks:
             found = rank_classification.candidates(task.name, lengths["targets"])
@@ -98,6 +100,9 @@ class TaskEvaluator:
                                                        found.labels)
                 if gold:
                     self.ranked[task.name] = (found.tokens, gold)
+                    words = verbalizers.task_word_targets(task.name, lengths["targets"])
+                    if words is not None:
+                        self.verbalized[task.name] = words
         self._log_likelihood = jax.jit(self._log_likelihood_of)
 
     def _place(self, tokens: np.ndarray) -> Any:
@@ -125,24 +130,32 @@ class TaskEvaluator:
 
         return predict
 
-    def rank_accuracy(self, params: Any) -> dict[str, float]:
+    def rank_accuracy(self, params: Any) -> dict[str, dict[str, float]]:
         """Rank classification, per classification task: every label string scored by its
-        log-likelihood in one batched pass, the argmax compared with the gold label."""
+        log-likelihood in one batched pass, the argmax compared with the gold label
+        (`rank_accuracy`); with a bound verbalizer also its words' classes
+        (`verbalizer_accuracy`: mean log-likelihood per token, max over a class's words)."""
         from prompt_jax import serving
 
         out = {}
         for task, (candidates, gold) in self.ranked.items():
-            correct = total = 0
+            words = self.verbalized.get(task)
+            correct, total = {"rank_accuracy": 0, "verbalizer_accuracy": 0}, 0
             for index, features, n in batches(self.loss_datasets[task], self.batch_size):
-                scores = np.asarray(jax.device_get(serving.score_targets(
-                    self.model, params, self._place(features["encoder_input_tokens"]),
-                    candidates)))
+                tokens = self._place(features["encoder_input_tokens"])
+                chosen = {"rank_accuracy": np.argmax(np.asarray(jax.device_get(
+                    serving.score_targets(self.model, params, tokens, candidates))), -1)}
+                if words is not None:
+                    chosen["verbalizer_accuracy"] = np.asarray(jax.device_get(
+                        verbalizers.classify(self.model, params, tokens, words)[0]))
                 for i in range(n):
                     if int(index[i]) in gold:
-                        correct += int(np.argmax(scores[i]) == gold[int(index[i])])
+                        for name, choice in chosen.items():
+                            correct[name] += int(choice[i] == gold[int(index[i])])
                         total += 1
             if total:
-                out[task] = 100.0 * correct / total
+                out[task] = {name: 100.0 * correct[name] / total for name in
+                             (["rank_accuracy"] + (["verbalizer_accuracy"] if words else []))}
         return out
 
     def token_loss(self, params: Any) -> dict[str, float]:
@@ -167,8 +180,8 @@ class TaskEvaluator:
                                                 predict_fn=self.predict_fn(params))
             results = {task: {k: _scalar(v) for k, v in metrics.items()}
                        for task, metrics in future.result().items()}
-        for task, value in self.rank_accuracy(params).items():
-            results.setdefault(task, {})["rank_accuracy"] = value
+        for task, values in self.rank_accuracy(params).items():
+            results.setdefault(task, {}).update(values)
         for task, loss in self.token_loss(params).items():
             results.setdefault(task, {})["loss"] = loss
         return results

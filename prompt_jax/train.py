@@ -114,7 +114,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                         seed, mixture_or_task_name, prompt_encoder, multitask_prompts,
                         deep_prompt)
         step_fn = jit_train_step(make_train_step(run.model, tx, loss, dropout_seed=seed,
-                                                 num_microbatches=num_microbatches),
+                                                 num_microbatches=num_microbatches,
+                                                 pet=_pet_targets(loss, run.model,
+                                                                  mixture_or_task_name,
+                                                                  lengths)),
                                  mesh, run.shardings)
         batches = _train_batches(mixture_or_task_name, lengths, batch_size, mesh, data_seed,
                                  run.start_step, getattr(run.model, "task_names", None))
@@ -332,6 +335,21 @@ def _check_args(train_steps, batch_size, eval_period, prompt_length, trainable,
             and tuple(trainable) == tuple(optim.DEFAULT_TRAINABLE)):
         raise ValueError("PROMPT_LENGTH=0 leaves nothing to train: prompt tuning needs "
                          "PROMPT_LENGTH > 0 (model tuning sets TRAINABLE=['.*'])")
+
+
+def _pet_targets(loss: LossConfig, model: Any, task_name: str, lengths: dict[str, int]):
+    """The task's verbalizer for PET's loss (`LossConfig.pet_weight`), else None."""
+    weight = loss.pet_weight
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        raise ValueError(f"LossConfig.pet_weight must be a number >= 0, got {weight!r}")
+    if not weight:
+        return None
+    if isinstance(model, multitask.MultitaskT5):
+        raise ValueError("LossConfig.pet_weight > 0 with multi-task prompts: PET's loss is "
+                         "for one task's verbalizer; train one task")
+    from prompt_jax.methods import verbalizers
+
+    return verbalizers.pet_targets(task_name, lengths["targets"])
 
 
 def _print_memory_plan(spec, mesh_shape, batch_size, prompt_length, trainable, lengths, tx,

@@ -22,7 +22,8 @@ over tokens, so the summed gradient is the full batch's, up to float32 summation
 
 Metrics of a step: `loss` (cross-entropy per target token, the meaning `loss` has on
 eval lines too), `objective` (what is differentiated: t5x's summed loss, z-loss
-included), `z_loss`, `num_tokens`, `token_accuracy`, `grad_norm`.
+included), `z_loss`, `num_tokens`, `token_accuracy`, `grad_norm`; with PET's loss on
+(`LossConfig.pet_weight`), `pet_loss` (its cross-entropy per labelled row) and `pet_rows`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from prompt_jax import losses, optim, partitioning
+from prompt_jax.methods import verbalizers
 from prompt_jax.optim import merge_params
 from prompt_jax.pytree import flatten
 from prompt_jax.t5.layers import constrain
@@ -68,11 +70,16 @@ class LossConfig:
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
     loss_normalizing_factor: float | None = None
+    # PET (methods/verbalizers.py): add pet_weight x the verbalizer cross-entropy summed over
+    # the batch's labelled rows; needs a bound verbalizer for the task. 0: off.
+    pet_weight: float = 0.0
 
 
 def compute_loss(model: T5, params: Any, batch: Batch, loss_config: LossConfig,
-                 dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
-    """Teacher-forced loss of `batch` under `params` (dropout on iff `dropout_rng`)."""
+                 dropout_rng: Array | None, pet: verbalizers.PetTargets | None = None
+                 ) -> tuple[Array, dict[str, Array]]:
+    """Teacher-forced loss of `batch` under `params` (dropout on iff `dropout_rng`); with
+    `pet` and `loss_config.pet_weight`, PET's term beside it (`verbalizers.pet_sum`)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     # A multi-task batch carries each row's task (methods/multitask.py).
     task = {"task_index": batch["task_index"]} if "task_index" in batch else {}
@@ -88,6 +95,11 @@ def compute_loss(model: T5, params: Any, batch: Batch, loss_config: LossConfig,
     per_token = (objective - aux["z_loss"]) * normalizer / jnp.maximum(aux["num_tokens"], 1.0)
     metrics = {"loss": per_token, "objective": objective, "z_loss": aux["z_loss"],
                "num_tokens": aux["num_tokens"], "token_accuracy": aux["accuracy"]}
+    if pet is not None and loss_config.pet_weight:
+        total, rows = verbalizers.pet_sum(model, params, batch, pet)
+        objective = objective + loss_config.pet_weight * total
+        metrics.update(objective=objective, pet_loss=total / jnp.maximum(rows, 1.0),
+                       pet_rows=rows)
     return objective, metrics
 
 
@@ -105,13 +117,14 @@ def check_num_microbatches(batch_size: int, data_parallel: int, num_microbatches
 
 def make_train_step(model: T5, tx: optax.GradientTransformation,
                     loss_config: LossConfig = LossConfig(), dropout_seed: int = 0,
-                    num_microbatches: int = 1
+                    num_microbatches: int = 1, pet: verbalizers.PetTargets | None = None
                     ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, Array]]]:
     """`train_step(state, frozen, batch) -> (state, metrics)`, not yet jitted.
 
     Dropout randomness is `fold_in(PRNGKey(dropout_seed), step)` (microbatch i of k > 1:
     folded in again with i), so a resumed run draws the same masks as an uninterrupted one.
     `num_microbatches` must divide the batch (per data shard: `check_num_microbatches`).
+    `pet`: the task's verbalizer, for `loss_config.pet_weight` (`compute_loss`).
     """
     base_rng = jax.random.PRNGKey(dropout_seed)
     if not isinstance(num_microbatches, int) or num_microbatches < 1:
@@ -121,14 +134,16 @@ def make_train_step(model: T5, tx: optax.GradientTransformation,
         rng = jax.random.fold_in(base_rng, state.step)
 
         def loss_fn(trainable, batch, rng):
-            return compute_loss(model, merge_params(trainable, frozen), batch, loss_config, rng)
+            return compute_loss(model, merge_params(trainable, frozen), batch, loss_config, rng,
+                                pet)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if num_microbatches == 1:
             (_, metrics), grads = grad_fn(state.trainable, batch, rng)
         else:
             grads, metrics = _accumulate(grad_fn, state.trainable, batch, rng,
-                                         num_microbatches, loss_config)
+                                         num_microbatches, loss_config,
+                                         pet if loss_config.pet_weight else None)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -138,7 +153,7 @@ def make_train_step(model: T5, tx: optax.GradientTransformation,
 
 
 def _accumulate(grad_fn: Callable, trainable: Any, batch: Batch, rng: Array, k: int,
-                loss_config: LossConfig) -> tuple[Any, dict[str, Array]]:
+                loss_config: LossConfig, pet: Any = None) -> tuple[Any, dict[str, Array]]:
     """(Σ of the k microbatches' gradients, the whole batch's metrics)."""
     size = batch["encoder_input_tokens"].shape[0]
     if size % k:
@@ -153,11 +168,15 @@ def _accumulate(grad_fn: Callable, trainable: Any, batch: Batch, rng: Array, k: 
         micro, i = xs
         (_, m), g = grad_fn(trainable, micro, jax.random.fold_in(rng, i))
         m["token_correct"] = m.pop("token_accuracy") * m["num_tokens"]
+        if "pet_loss" in m:  # PET's sum over labelled rows, then its mean over the batch
+            m["pet_total"] = m.pop("pet_loss") * m["pet_rows"]
         del m["loss"]
         return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, m)), None
 
     zeros = jnp.zeros((), jnp.float32)
     sums = dict(objective=zeros, z_loss=zeros, num_tokens=zeros, token_correct=zeros)
+    if pet is not None:
+        sums.update(pet_total=zeros, pet_rows=zeros)
     carry = (jax.tree.map(jnp.zeros_like, trainable), sums)
     (grads, sums), _ = jax.lax.scan(body, carry, (jax.tree.map(split, batch), jnp.arange(k)))
     # Per-token metrics of the whole batch, as `compute_loss` computes them for one.
@@ -167,6 +186,9 @@ def _accumulate(grad_fn: Callable, trainable: Any, batch: Batch, rng: Array, k: 
                "objective": sums["objective"], "z_loss": sums["z_loss"], "num_tokens": n,
                "token_accuracy": jnp.where(n > 0, sums["token_correct"] / jnp.maximum(n, 1e-30),
                                            0.0)}
+    if pet is not None:
+        metrics.update(pet_loss=sums["pet_total"] / jnp.maximum(sums["pet_rows"], 1.0),
+                       pet_rows=sums["pet_rows"])
     return grads, metrics
 
 

@@ -12,9 +12,13 @@ The rule, for multi-token and multi-word labels alike:
   highest score (ties: the lowest class index).
 
 The PET loss is the cross-entropy over the classes' scores: `-log softmax(class
-scores)[gold]`, averaged over the labelled rows (`pet_loss`). Class-label initialisation
-(`PromptInit.kind='class_labels'`) with a bound verbalizer takes its words, class by class
-(`init_labels`).
+scores)[gold]`, averaged over the labelled rows (`pet_loss`). In training
+(`LossConfig.pet_weight = w`) the step's objective is t5x's summed generation loss plus
+w x the PET cross-entropy summed over the batch's labelled rows (`pet_sum`; a row's class is
+the label its target spells); the step logs `pet_loss` (the mean). Eval reports
+`verbalizer_accuracy` beside `rank_accuracy` for a task with a bound verbalizer.
+Class-label initialisation (`PromptInit.kind='class_labels'`) with a bound verbalizer
+takes its words, class by class (`init_labels`).
 
 Binding (gin): `verbalizer_words.words = {'super_glue_rte': (('yes', 'true'), ('no',))}`, the
 classes in the task's label order.
@@ -30,8 +34,6 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from prompt_jax import losses
 
 Array = jax.Array
 EOS_ID = 1
@@ -107,18 +109,67 @@ def pet_loss(scores: Array, labels: Array) -> Array:
     return -jnp.sum(jnp.where(valid, gold, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
-def pet_objective(model: Any, params: Any, batch: Mapping[str, Array], targets: WordTargets,
-                  labels: Array, pet_weight: float) -> Array:
-    """The generation loss (t5x's summed cross-entropy of `batch`'s targets) plus
-    `pet_weight` x the PET loss of `labels` — the objective with the PET loss beside it."""
-    logits = model.apply({"params": params}, batch["encoder_input_tokens"],
-                         batch["decoder_input_tokens"], batch["decoder_target_tokens"])
-    weights = losses.loss_weights(batch)
-    generation = -jnp.sum(losses.per_example_log_likelihood(
-        logits, batch["decoder_target_tokens"], weights))
-    scores = class_scores(word_scores(model, params, batch["encoder_input_tokens"], targets),
-                          targets)
-    return generation + pet_weight * pet_loss(scores, labels)
+@dataclasses.dataclass(frozen=True)
+class PetTargets:
+    """What the PET loss of a task needs in the train step: its label words (`words`) and
+    its classes' own targets (`label_tokens` [C, L], `rank_classification.candidates`),
+    by which a batch row's target tells its class (a row whose target is none of them is
+    unlabelled and not counted)."""
+
+    words: WordTargets
+    label_tokens: np.ndarray
+
+
+def task_word_targets(task_name: str, length: int) -> WordTargets | None:
+    """The bound verbalizer of a registered task tokenized as its targets of `length`
+    tokens; None without one."""
+    import seqio
+
+    from prompt_jax import tasks
+
+    words = words_for(task_name)
+    if words is None:
+        return None
+    vocab = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    return tokenize_words(words, vocab, length, task_name.endswith(tasks.SENTINEL_SUFFIX))
+
+
+def pet_targets(task_name: str, length: int) -> PetTargets:
+    """The bound verbalizer of `task_name` and its label targets at target `length`; a
+    clear error when the task has no verbalizer or no rankable labels."""
+    from prompt_jax import rank_classification
+
+    words = task_word_targets(task_name, length)
+    if words is None:
+        raise ValueError(f"LossConfig.pet_weight > 0: {task_name} has no verbalizer; bind "
+                         f"verbalizer_words.words = {{'{task_name}': (('word', ...), ...)}}")
+    labels = rank_classification.candidates(task_name, length)
+    if labels is None:
+        raise ValueError(f"LossConfig.pet_weight > 0: {task_name} has no class labels to "
+                         f"rank at target length {length}")
+    return PetTargets(words, labels.tokens)
+
+
+def batch_labels(target_tokens: Array, label_tokens: np.ndarray) -> Array:
+    """Each row's class: the index of the label target its `target_tokens` [B, L] equal
+    ([C, L'] 0-padded, compared over min(L, L')), -1 where none does."""
+    length = min(target_tokens.shape[1], label_tokens.shape[1])
+    same = jnp.all(target_tokens[:, None, :length] == jnp.asarray(label_tokens)[None, :, :length],
+                   axis=-1)  # [B, C]
+    return jnp.where(same.any(-1), jnp.argmax(same, -1), -1)
+
+
+def pet_sum(model: Any, params: Any, batch: Mapping[str, Array], pet: PetTargets
+            ) -> tuple[Array, Array]:
+    """(Σ over the labelled rows of PET's cross-entropy, how many rows are labelled): the
+    term the train step adds to its summed objective, `pet_weight` x this sum (a sum over
+    rows, like t5x's sum over tokens, so microbatches add up to the whole batch). The words
+    are scored as at inference: no dropout."""
+    labels = batch_labels(batch["decoder_target_tokens"], pet.label_tokens)
+    scores = class_scores(word_scores(model, params, batch["encoder_input_tokens"], pet.words),
+                          pet.words)
+    rows = (labels >= 0).sum()
+    return pet_loss(scores, labels) * rows, rows.astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------ the binding
