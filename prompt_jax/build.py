@@ -216,8 +216,7 @@ class Served:
 
         if not self.deep_prompt:
             return flat_params
-        return {**flat_params, f"{deep_prompts.DEEP_PROMPT_PATH}/{deep_prompts.EMBEDDING}":
-                self.deep_prompt[1]}
+        return deep_prompts.with_matrix(flat_params, self.deep_prompt[1])
 
 
 def default_prompt_file(initial_checkpoint: str | None, model_dir: str | None) -> str | None:

@@ -214,7 +214,8 @@ def parse_gin(command: str, files: Sequence[str], bindings: Sequence[str],
                          + " or bind them in a gin file")
 
 
-RUN_GIN = {"eval": "runs/prompt_eval.gin", "infer": "runs/prompt_infer.gin"}
+RUN_GIN = {"eval": "runs/prompt_eval.gin", "infer": "runs/prompt_infer.gin",
+           "serve": "runs/serve.gin"}
 
 
 def run_config_files(command: str, bindings: Sequence[str]) -> list[str]:

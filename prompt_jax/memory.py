@@ -158,8 +158,10 @@ def memory_report(config: T5Config, mesh_shape: tuple[int, int], *, prompt_lengt
                   frozen_dtype: Any = "bfloat16", activation_dtype: Any = "bfloat16",
                   tx: optax.GradientTransformation | None = None,
                   num_microbatches: int = 1, remat_policy: str | None = None,
-                  rules: Rules = LOGICAL_AXIS_RULES) -> Report:
-    """Per-device memory of training `T5(config, prompt_length)` on a `mesh_shape` mesh.
+                  rules: Rules = LOGICAL_AXIS_RULES, model: Any = None) -> Report:
+    """Per-device memory of training `T5(config, prompt_length)` (or `model`, a method's
+    T5 with its own parameters: P-tuning's encoder, deep prompts, multi-task prompts) on a
+    `mesh_shape` mesh.
 
     `input_length` counts the text tokens only (TASK_FEATURE_LENGTHS['inputs']); the encoder
     sees `prompt_length + input_length`. `num_microbatches` as `train.num_microbatches`;
@@ -175,7 +177,7 @@ def memory_report(config: T5Config, mesh_shape: tuple[int, int], *, prompt_lengt
     remat_policy = config.remat_policy if remat_policy is None else remat_policy
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={remat_policy!r} is not one of {REMAT_POLICIES}")
-    boxed = abstract_params(config, prompt_length, boxed=True)
+    boxed = abstract_params(config, prompt_length, boxed=True, model=model)
     specs = params_specs(boxed, axis_sizes, rules)
     abstract = nn.unbox(boxed)
     trainable, frozen = optim.split_params(abstract, trainable_regexes)

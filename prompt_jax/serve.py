@@ -14,7 +14,11 @@ sampled rows together; `beam`: per beam count, alpha and length; `rank`), whatev
 prompts. It pads them to bucketed shapes — rows to a size in `batch_buckets`, inputs to
 a length in `length_buckets`, prompts (left-padded as `serving.pack_prompts`) to a
 multiple of 8, decode lengths to a power of two — so a few programs are compiled, not one
-per request (all prompts of one length: one prompt width). Padding
+per request (all prompts of one length: one prompt width). A deep prompt (P-tuning v2,
+prefix tuning: `MODEL_DIR/best_deep_prompt.npz` or a `.npz`/PEFT PREFIX_TUNING file among the
+prompts) is part of the served model, under every prompt, and is listed as a prompt of
+length 0 (no soft prompt); its prefix keys sit at fixed positions, so under it a batch holds
+rows of one prompt length, not left-padded. Padding
 is masked and each row has its own decode limit and random stream, so a row's result
 does not depend on its batch-mates (up to float summation order). The answer's header
 `x-batch-requests` says how many requests the fullest of its batches held.
@@ -46,11 +50,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from prompt_jax import build, decoding, partitioning, serving
+from prompt_jax import model_dir as model_dir_lib
+from prompt_jax.pytree import flatten, unflatten
 from prompt_jax.t5.model import T5
 
 log = logging.getLogger(__name__)
 EOS_ID = decoding.EOS_ID
 PROMPT_ALIGN = 8  # a batch's prompt width is a multiple of this
+DEEP_PROMPT_KIND = "deep_prompt"  # the registry entry of a served deep prompt (no soft prompt)
 
 
 # ---------------------------------------------------------------- configuration
@@ -260,26 +267,34 @@ def check_task(task: str | None) -> None:
 def load_prompt(name: str, path: str, d_model: int, task: str | None = None) -> Prompt:
     """Any prompt artifact as a registry entry, or the loader's ValueError/FileNotFoundError."""
     from prompt_jax.checkpoints import prompt_artifacts
+    from prompt_jax.methods import deep_prompts
 
     check_task(task)
+    if deep_prompts.is_deep_prompt_artifact(path):
+        raise ValueError(f"{path}: a deep prompt (key/value prefixes) is part of the served "
+                         "model, not a per-request prompt; start `prompt-jax serve` with it "
+                         "(serve.prompt_files, PROMPT_DIR or MODEL_DIR/best_deep_prompt.npz)")
     kind = prompt_artifacts.artifact_kind(path)
     return Prompt(name, prompt_artifacts.load_prompt_artifact(path, d_model), path, kind, task)
 
 
 def prompt_dir_files(directory: str) -> dict[str, str]:
-    """{stem: path} for every entry of `directory` that is a prompt artifact."""
+    """{stem: path} for every entry of `directory` that is a prompt artifact (a deep
+    prompt included)."""
     from prompt_jax.checkpoints import prompt_artifacts
+    from prompt_jax.methods import deep_prompts
 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: PROMPT_DIR is not a directory")
     found: dict[str, str] = {}
     for entry in sorted(os.listdir(directory)):
         path = os.path.join(directory, entry)
-        try:
-            prompt_artifacts.artifact_kind(path)
-        except (ValueError, FileNotFoundError):
-            continue
-        stem = entry.removesuffix(".npy")
+        if not deep_prompts.is_deep_prompt_artifact(path):
+            try:
+                prompt_artifacts.artifact_kind(path)
+            except (ValueError, FileNotFoundError):
+                continue
+        stem = entry.removesuffix(".npy").removesuffix(".npz")
         if stem in found:
             raise ValueError(f"{directory}: {found[stem]} and {path} both name prompt {stem!r}")
         found[stem] = path
@@ -471,9 +486,12 @@ class Engine:
     """The frozen model on its mesh; runs one batch of rows of one program."""
 
     def __init__(self, config: Any, params: Any, mesh: Any, batching: BatchingSpec,
-                 limits: Limits):
+                 limits: Limits, deep_prompt_spec: Any = None,
+                 deep_prompt_source: str | None = None):
         self.config, self.params, self.mesh, self.limits = config, params, mesh, limits
-        self.model = T5(config)
+        # A deep prompt (P-tuning v2, prefix tuning) is part of the model: every row runs it.
+        self.model = T5(config, deep_prompt_spec=deep_prompt_spec)
+        self.deep_prompt_source = deep_prompt_source
         self.batch_sizes = batching.batch_sizes(mesh.shape["data"])
         self.length_sizes = tuple(sorted({n for n in batching.length_buckets
                                           if n < limits.max_input_length}
@@ -489,7 +507,8 @@ class Engine:
             tokens[i, :len(r.ids)] = r.ids
         # Per-row prompts, left-padded to the longest, then to a multiple of 8.
         prefix, prefix_mask = serving.pack_prompts([r.prompt for r in list(rows) + pad])
-        width = -prefix.shape[1] % PROMPT_ALIGN
+        # Under a deep prompt the rows' prompts are of one length (`Batcher._key`), unpadded.
+        width = 0 if self.deep_prompt_source else -prefix.shape[1] % PROMPT_ALIGN
         arrays = {"tokens": tokens, "prefix": np.pad(prefix, ((0, 0), (width, 0), (0, 0))),
                   "prefix_mask": np.pad(prefix_mask, ((0, 0), (width, 0)))}
         kind = rows[0].program[0]
@@ -597,7 +616,8 @@ class Batcher:
                     self._cv.wait()
                     continue
                 head = self._rows[0]
-                same = [r for r in self._rows if r.program == head.program][:limit]
+                key = self._key(head)
+                same = [r for r in self._rows if self._key(r) == key][:limit]
                 left = head.arrival + wait - time.monotonic()
                 if len(same) < limit and left > 0:
                     self._cv.wait(left)
@@ -606,6 +626,12 @@ class Batcher:
                 self._rows = collections.deque(r for r in self._rows if id(r) not in taken)
                 return same
         return None
+
+    def _key(self, row: Row) -> tuple:
+        """Rows that may share a batch: one program; under a deep prompt also one prompt
+        length (its prefix keys sit at absolute positions, so a soft prompt must not be
+        left-padded: `Engine.run`)."""
+        return (row.program, len(row.prompt) if self.engine.deep_prompt_source else None)
 
     def _loop(self) -> None:
         while (rows := self._next_batch()) is not None:
@@ -788,7 +814,8 @@ def create_app(service: Service) -> fastapi.FastAPI:
                 "model": {"d_model": cfg.d_model, "vocab_size": cfg.vocab_size,
                           "encoder_layers": cfg.num_encoder_layers,
                           "decoder_layers": cfg.num_decoder_layers,
-                          "param_dtype": str(cfg.param_dtype)},
+                          "param_dtype": str(cfg.param_dtype),
+                          "deep_prompt": service.engine.deep_prompt_source},
                 "limits": dataclasses.asdict(service.limits)}
 
     @app.get("/v1/prompts")
@@ -915,27 +942,50 @@ def load_service(*, initial_checkpoint: str | None, model: build.ModelSpec = bui
     default prompt (`build.default_prompt_file`), if any. Each prompt's task (for
     /v1/rank's default candidates) is `prompt_tasks[name]`, else `mixture_or_task_name`."""
     from prompt_jax import tasks
+    from prompt_jax.methods import deep_prompts, multitask
 
     if jax.process_count() > 1:
         raise ValueError("serve: runs in one process (its devices may be several)")
     batching = batching or BatchingSpec()
     files = dict(prompt_dir_files(prompt_dir)) if prompt_dir else {}
     files.update(prompt_files or {})
-    if not files and (default := build.default_prompt_file(initial_checkpoint, model_dir)):
-        files[os.path.basename(os.path.normpath(default)).removesuffix(".npy")] = default
-    config, frozen = build.load_frozen(model, initial_checkpoint, model_dir, seed)
-    mesh = partitioning.make_mesh(mesh_shape)
-    params = build.place_params(config, frozen, mesh)
     tasks_of = dict(prompt_tasks or {})
+    if not files:  # the run's own: a multi-task run's per-task prompts, else its best
+        files = multitask.default_prompt_files(model_dir, mixture_or_task_name)
+        tasks_of = {**{task: task for task in files}, **tasks_of}
+        if not files and (default := build.default_prompt_file(initial_checkpoint, model_dir)):
+            files[os.path.basename(os.path.normpath(default)).removesuffix(".npy")] = default
+        best_deep = model_dir_lib.path(model_dir, model_dir_lib.BEST_DEEP_PROMPT) \
+            if model_dir else None
+        if best_deep and os.path.exists(best_deep):
+            files[model_dir_lib.BEST_DEEP_PROMPT.removesuffix(".npz")] = best_deep
+    deep = {n: p for n, p in files.items() if deep_prompts.is_deep_prompt_artifact(p)}
+    if len(deep) > 1:
+        raise ValueError(f"serve: {len(deep)} deep prompts ({', '.join(deep.values())}); the "
+                         "served model runs at most one")
+    config, frozen = build.load_frozen(model, initial_checkpoint, model_dir, seed)
+    deep_prompt = deep_source = None
+    host = dict(frozen)
+    if deep:
+        (deep_name, deep_source), = deep.items()
+        deep_prompt = deep_prompts.load_deep_prompt_artifact(deep_source, config)
+        host = unflatten(deep_prompts.with_matrix(dict(flatten(frozen)), deep_prompt[1]))
+    mesh = partitioning.make_mesh(mesh_shape)
+    deep_spec = deep_prompt[0] if deep_prompt else None
+    params = build.place_params(config, host, mesh, model=T5(config,
+                                                             deep_prompt_spec=deep_spec))
     unknown = sorted(set(tasks_of) - set(files))
     if unknown:
         raise ValueError(f"serve.prompt_tasks names prompts {unknown} that are not served "
                          f"(served: {sorted(files)})")
-    registry = Registry([load_prompt(name, path, config.d_model,
-                                     tasks_of.get(name, mixture_or_task_name))
-                         for name, path in files.items()])
-    engine = Engine(config, params, mesh, batching, limits)
-    return Service(engine, registry, tasks.get_vocabulary(), batching)
+    prompts = [load_prompt(name, path, config.d_model, tasks_of.get(name, mixture_or_task_name))
+               for name, path in files.items() if name not in deep]
+    if deep:  # its own entry: no soft prompt, the deep prompt only (under every prompt)
+        check_task(task := tasks_of.get(deep_name, mixture_or_task_name))
+        prompts.append(Prompt(deep_name, np.zeros((0, config.d_model), np.float32),
+                              deep_source, DEEP_PROMPT_KIND, task))
+    engine = Engine(config, params, mesh, batching, limits, deep_spec, deep_source)
+    return Service(engine, Registry(prompts), tasks.get_vocabulary(), batching)
 
 
 @gin.configurable

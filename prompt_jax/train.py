@@ -100,8 +100,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     data.check_name(mixture_or_task_name)
     tx = optimizer or optim.adafactor()
     if dry_run:  # a hypothetical mesh: the devices need not exist here
-        _print_memory_plan(model, mesh_shape, batch_size, prompt_length, trainable, lengths, tx,
-                           num_microbatches)
+        config = model.config()
+        _print_memory_plan(config, method_model(config, mixture_or_task_name, prompt_length,
+                                                prompt_encoder, multitask_prompts, deep_prompt),
+                           mesh_shape, batch_size, trainable, lengths, tx, num_microbatches)
         return None
     mesh = partitioning.make_mesh(mesh_shape)
     partitioning.check_batch_size(batch_size, mesh.shape["data"])
@@ -188,12 +190,10 @@ class _Run:
 
         config, frozen_host = build.load_frozen(spec, initial_checkpoint, self.model_dir, seed)
         self.config = config
-        from prompt_jax.methods import templates, verbalizers  # tf, seqio
+        from prompt_jax.methods import verbalizers  # tf, seqio
 
-        # A template with soft tokens places the prompt's rows there (methods/templates.py).
-        templates.check_prompt_length(task_name, prompt_length, "PROMPT_LENGTH")
-        self.model = T5(config, prompt_length=prompt_length, prompt_encoder=prompt_encoder,
-                        soft_token_id=templates.model_soft_token_id(task_name))
+        self.model = method_model(config, task_name, prompt_length, prompt_encoder,
+                                  multitask_prompts, deep_prompt)
         host = dict(flatten(frozen_host))
         if prompt_length:
             # Class labels: a bound verbalizer's words, else the task's labels.
@@ -207,13 +207,11 @@ class _Run:
                                        (prompt_length, config.d_model))),
                 jax.random.PRNGKey(seed + 2)))
         if multitask_prompts is not None:  # a shared prompt and one per task
-            self.model = multitask_prompts.model(config, task_name)
             host.update(multitask.initial_params(
                 self.model, lambda labels: build.prompt_initializer(
                     prompt_init, build.embedding_table(frozen_host), tasks.get_vocabulary(),
                     labels), jax.random.PRNGKey(seed + 1)))
         if deep_prompt is not None:  # key/value prefixes (P-tuning v2, prefix tuning)
-            self.model = self.model.clone(deep_prompt_spec=deep_prompt)
             host.update({f"{deep_prompts.DEEP_PROMPT_PATH}/{k}": v for k, v in flatten(
                 deep_prompts.init_params(deep_prompt, config, jax.random.PRNGKey(seed + 3))
             ).items()})
@@ -320,6 +318,30 @@ class _Run:
 # --------------------------------------------------------------------------- setup
 
 
+def method_model(config: Any, task_name: str, prompt_length: int,
+                 prompt_encoder: PromptEncoderSpec | None = None,
+                 multitask_prompts: MultitaskPrompts | None = None,
+                 deep_prompt: DeepPromptSpec | None = None) -> T5:
+    """The T5 a run trains: the prompt (or P-tuning's encoder) placed by the task's
+    template, multi-task prompts in its place, key/value prefixes beside it."""
+    from prompt_jax.methods import templates  # tf, seqio
+
+    # A template with soft tokens places the prompt's rows there (methods/templates.py).
+    templates.check_prompt_length(task_name, prompt_length, "PROMPT_LENGTH")
+    model = T5(config, prompt_length=prompt_length, prompt_encoder=prompt_encoder,
+               soft_token_id=templates.model_soft_token_id(task_name))
+    if multitask_prompts is not None:  # a shared prompt and one per task
+        model = multitask_prompts.model(config, task_name)
+        if deep_prompt is not None and len(set(multitask.combined_lengths(model))) > 1:
+            raise ValueError("multi-task prompts of different lengths with a deep prompt: "
+                             "its prefix keys sit at fixed positions, which left-padding the "
+                             "shorter prompts would move; found "
+                             f"{multitask.combined_lengths(model)}")
+    if deep_prompt is not None:  # key/value prefixes (P-tuning v2, prefix tuning)
+        model = model.clone(deep_prompt_spec=deep_prompt)
+    return model
+
+
 def _check_args(train_steps, batch_size, eval_period, prompt_length, trainable,
                 multitask_prompts=None, deep_prompt=None) -> None:
     for name, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
@@ -352,16 +374,20 @@ def _pet_targets(loss: LossConfig, model: Any, task_name: str, lengths: dict[str
     return verbalizers.pet_targets(task_name, lengths["targets"])
 
 
-def _print_memory_plan(spec, mesh_shape, batch_size, prompt_length, trainable, lengths, tx,
+def _print_memory_plan(config, model, mesh_shape, batch_size, trainable, lengths, tx,
                        num_microbatches):
+    """The dry run: per-device memory of training `model` (the method's parameters
+    included; the encoder sees the longest prompt) on a mesh this machine may lack."""
     from prompt_jax import memory
 
     shape = partitioning.resolve_mesh_shape(mesh_shape, jax.device_count())
     partitioning.check_batch_size(batch_size, shape[0])
     check_num_microbatches(batch_size, shape[0], num_microbatches)
-    config = spec.config()
+    prompt_length = max(multitask.combined_lengths(model)) \
+        if isinstance(model, multitask.MultitaskT5) else model.prompt_length
     report = memory.memory_report(
-        config, shape, prompt_length=prompt_length, trainable_regexes=tuple(trainable),
+        config, shape, prompt_length=prompt_length, model=model,
+        trainable_regexes=tuple(trainable),
         batch_size=batch_size, input_length=lengths["inputs"],
         target_length=lengths["targets"], frozen_dtype=config.param_dtype,
         activation_dtype=config.dtype, tx=tx, num_microbatches=num_microbatches,

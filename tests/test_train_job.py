@@ -284,3 +284,41 @@ def testset_cpu_xla_flags_leave_a_users_choice_alone(monkeypatch):
     monkeypatch.setenv("PROMPT_JAX_CPU_YNN", "1")
     prompt_jax_cli.set_cpu_xla_flags()
     assert os.environ["XLA_FLAGS"] == ""
+
+
+def _dry_run_trainable(capsys, *gin_files: str) -> int:
+    from prompt_jax import cli as cli_module
+
+    rc = cli_module.main(["train", "--gin_file=demo.gin", *[f"--gin_file={f}" for f in gin_files],
+                          "--gin.MODEL_DIR='/nonexistent/dry_run'", "--dry_run"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("trainable parameters"))
+    return int(line.split()[2].replace(",", ""))
+
+
+def test_dry_run_counts_each_methods_parameters(capsys):
+    """`--dry_run` with a method's gin file counts that method's trainable parameters:
+    P-tuning's encoder as PEFT's PromptEncoder counts them, P-tuning v2's prefixes as
+    length x layers x 2 x heads x d_kv, prompt tuning's P x E."""
+    import gin
+
+    from prompt_jax.t5.config import get_config
+
+    config = get_config("inhouse_tiny")
+    assert _dry_run_trainable(capsys) == 20 * config.d_model  # the demo's prompt
+    gin.clear_config()
+    assert _dry_run_trainable(capsys, "methods/p_tuning_v2.gin") == (
+        20 * config.num_encoder_layers * 2 * config.num_heads * config.d_kv)
+    gin.clear_config()
+    pytest.importorskip("peft")
+    from peft import PromptEncoderConfig
+    from peft.tuners.p_tuning import model as peft_p_tuning
+
+    encoder = peft_p_tuning.PromptEncoder(PromptEncoderConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=20, token_dim=config.d_model,
+        num_transformer_submodules=1, num_attention_heads=4, num_layers=2,
+        encoder_reparameterization_type="LSTM", encoder_hidden_size=config.d_model,
+        encoder_num_layers=2))
+    assert _dry_run_trainable(capsys, "methods/p_tuning.gin") == sum(
+        p.numel() for p in encoder.parameters())

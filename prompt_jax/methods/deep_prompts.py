@@ -266,6 +266,11 @@ def load_deep_prompt(path: str, config: T5Config) -> tuple[DeepPromptSpec, np.nd
     return spec, matrix
 
 
+def with_matrix(flat_params: dict[str, Any], matrix: np.ndarray) -> dict[str, Any]:
+    """Flat params (path -> array) plus a deep prompt's matrix where the model reads it."""
+    return {**flat_params, f"{DEEP_PROMPT_PATH}/{EMBEDDING}": matrix}
+
+
 def is_deep_prompt_artifact(path: str) -> bool:
     """Whether `path` is a deep prompt: a `save_deep_prompt` .npz or a PEFT PREFIX_TUNING
     adapter directory."""

@@ -193,6 +193,12 @@ class MultitaskT5(T5):
 # ----------------------------------------------------------------- the combined prompts
 
 
+def combined_lengths(model: MultitaskT5) -> tuple[int, ...]:
+    """Each task's combined prompt length (concat: P_s + P_t; add: P_s)."""
+    return tuple(model.shared_length + n if model.mode == "concat" else model.shared_length
+                 for n in model.task_lengths)
+
+
 def combined_prompts(params: Any, model: MultitaskT5) -> dict[str, Array]:
     """{task: combined prompt [P_t', E]} from a tree holding the multitask parameters
     (the whole tree or the trainable part)."""
