@@ -327,3 +327,34 @@ def test_eval_of_a_whole_multitask_run_asks_for_one_task(mixture, tmp_path, caps
                      f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'")
     assert_one_line_error(rc, err, r"holds one prompt per task \(glue_sst2, super_glue_rte\); "
                                    r"evaluate one task")
+
+
+def test_a_resumed_multitask_run_equals_an_uninterrupted_one(mixture, tmp_path, capsys):
+    """2 steps, then the same run continued to 4 (a new process would do the same: the
+    state, the mixture's batches and dropout come from the checkpoint's step) = 4 steps in
+    one go: the same per-task prompts at step 4."""
+    from conftest import run, train_args
+
+    settings = ("--gin_file=demo.gin", "--gin_file=methods/multitask.gin",
+                f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'", "--gin.BATCH_SIZE=4",
+                "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 8}",
+                "--gin.train.eval_split=None", "--gin.MultitaskPrompts.shared_length=3",
+                "--gin.MultitaskPrompts.task_length=2")
+    import gin
+
+    rc, _, err = run(capsys, *train_args(tmp_path / "whole", steps=4, period=2,
+                                         settings=settings))
+    assert rc == 0, err
+    for steps in (2, 4):
+        gin.clear_config()
+        rc, out, err = run(capsys, *train_args(tmp_path / "resumed", steps=steps, period=2,
+                                               settings=settings))
+        assert rc == 0, err
+    assert "resuming" in out and "from step 2" in out
+    for task in ("glue_sst2", "super_glue_rte"):
+        whole = prompts.load_prompt(str(tmp_path / "whole" / "task_prompts" / task / "4.npy"))
+        resumed = prompts.load_prompt(str(tmp_path / "resumed" / "task_prompts" / task /
+                                          "4.npy"))
+        np.testing.assert_allclose(resumed, whole, atol=1e-6, err_msg=task)
+        two = prompts.load_prompt(str(tmp_path / "whole" / "task_prompts" / task / "2.npy"))
+        assert np.abs(two - whole).max() > 1e-5  # the steps after the resume moved it
