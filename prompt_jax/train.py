@@ -32,7 +32,7 @@ from prompt_jax.methods.deep_prompts import DeepPromptSpec
 from prompt_jax.methods.multitask import MultitaskPrompts
 from prompt_jax.methods.p_tuning import PromptEncoderSpec
 from prompt_jax.pytree import flatten
-from prompt_jax.t5.model import PROMPT_PATH, T5
+from prompt_jax.t5.model import T5, abstract_params
 from prompt_jax.train_step import (
     LossConfig,
     TrainState,
@@ -232,8 +232,7 @@ class _Run:
 
     def prompt(self) -> np.ndarray | None:
         """The prompt [P, E] (P-tuning: its encoder's output), what every prompt file holds."""
-        return p_tuning.prompt_of(flatten(self.state.trainable),
-                                  getattr(self.model, "prompt_encoder", None))
+        return p_tuning.prompt_of(flatten(self.state.trainable), self.model.prompt_encoder)
 
     def log_train(self, step: int, metrics: Any, progress: logs.Progress, period: int) -> None:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -251,13 +250,7 @@ class _Run:
                                 f"({self._where_good()})")
         self.checkpointer.save(step, self.state)
         self.last_good = step
-        prompt = self.prompt()
-        if prompt is not None and logs.is_primary():
-            prompts.save_prompt(model_dir_lib.prompt_at(self.model_dir, step), prompt)
-        self.save_deep_prompt(model_dir_lib.deep_prompt_at(self.model_dir, step))
-        if isinstance(self.model, multitask.MultitaskT5) and logs.is_primary():
-            multitask.save_task_prompts(self.state.trainable, self.model, lambda task:
-                                        model_dir_lib.task_prompt_at(self.model_dir, task, step))
+        self.save_artifacts(step)
 
     def evaluate(self, evaluator: Any, split: str, step: int, progress: logs.Progress) -> None:
         """Evaluate; keep the best prompt by the early-stopping metric (the paper's
@@ -273,34 +266,40 @@ class _Run:
         if self.best is None or sign * metrics[name] > sign * self.best["value"]:
             self.best = {"step": step, "metric": name, "value": metrics[name],
                          "metrics": metrics}
-            prompt = self.prompt()
-            if prompt is not None and logs.is_primary():
-                prompts.save_prompt(model_dir_lib.path(self.model_dir,
-                                                       model_dir_lib.BEST_PROMPT), prompt)
-            self.save_deep_prompt(model_dir_lib.path(self.model_dir,
-                                                     model_dir_lib.BEST_DEEP_PROMPT))
-            if isinstance(self.model, multitask.MultitaskT5) and logs.is_primary():
-                multitask.save_task_prompts(self.state.trainable, self.model, lambda task:
-                                            model_dir_lib.task_prompt_at(self.model_dir, task))
+            self.save_artifacts(None)
             model_dir_lib.write_best(self.model_dir, self.best)
 
-    def save_deep_prompt(self, path: str) -> None:
-        """The deep prompt's matrix (a projection's output), all inference needs."""
-        spec = getattr(self.model, "deep_prompt_spec", None)
-        if spec is None:
-            return
-        params = jax.device_get(self.params()[deep_prompts.DEEP_PROMPT_PATH])
-        matrix = deep_prompts.deep_prompt_matrix(spec, self.config, params)
-        if logs.is_primary():
-            deep_prompts.save_deep_prompt(path, spec, self.config, matrix)
+    def save_artifacts(self, step: int | None) -> None:
+        """What inference needs of the trained method, at `step` (None: the best so far):
+        the prompt [P, E] (P-tuning: its encoder's output) as prompts/<step>.npy |
+        best_prompt.npy; a deep prompt's matrix (a projection's output) as
+        deep_prompts/<step>.npz | best_deep_prompt.npz; multi-task prompts as
+        task_prompts/<task>/<step>.npy | best_prompt.npy."""
+        primary = logs.is_primary()
+        prompt = self.prompt()
+        if prompt is not None and primary:
+            prompts.save_prompt(model_dir_lib.prompt_at(self.model_dir, step) if step is not None
+                                else model_dir_lib.path(self.model_dir, model_dir_lib.BEST_PROMPT),
+                                prompt)
+        if (spec := self.model.deep_prompt_spec) is not None:
+            params = jax.device_get(self.params()[deep_prompts.DEEP_PROMPT_PATH])
+            matrix = deep_prompts.deep_prompt_matrix(spec, self.config, params)
+            if primary:
+                deep_prompts.save_deep_prompt(
+                    model_dir_lib.deep_prompt_at(self.model_dir, step) if step is not None else
+                    model_dir_lib.path(self.model_dir, model_dir_lib.BEST_DEEP_PROMPT),
+                    spec, self.config, matrix)
+        if isinstance(self.model, multitask.MultitaskT5) and primary:
+            multitask.save_task_prompts(self.state.trainable, self.model, lambda task:
+                                        model_dir_lib.task_prompt_at(self.model_dir, task, step))
 
     def export_hf(self) -> None:
+        """The T5's own weights (frozen + trained; no method's parameters) as a Hugging
+        Face directory."""
         params = jax.device_get(self.params())
         if logs.is_primary():
-            params = {k: v for k, v in flatten(params).items()
-                      if k != PROMPT_PATH and not k.startswith(p_tuning.SCOPE)
-                      and not k.startswith(multitask.SCOPE)
-                      and not k.startswith(deep_prompts.DEEP_PROMPT_PATH + "/")}
+            t5_own = set(flatten(abstract_params(self.config)))
+            params = {k: v for k, v in flatten(params).items() if k in t5_own}
             save_hf(self.config, optim.unflatten(jax.tree.map(np.asarray, params)),
                     model_dir_lib.path(self.model_dir, model_dir_lib.HF_EXPORT))
 

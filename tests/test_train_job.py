@@ -322,3 +322,40 @@ def test_dry_run_counts_each_methods_parameters(capsys):
         encoder_num_layers=2))
     assert _dry_run_trainable(capsys, "methods/p_tuning.gin") == sum(
         p.numel() for p in encoder.parameters())
+
+
+def test_export_hf_writes_the_t5s_own_trained_weights(tmp_path, capsys):
+    """`train.export_hf` of a model-tuning + P-tuning v2 run: HF's T5 loads hf_export with
+    no missing or unexpected weight (no method parameter in it), and its weights are the
+    final checkpoint's trained T5 weights."""
+    pytest.importorskip("torch")
+    import orbax.checkpoint as ocp
+    import transformers
+    from conftest import run
+
+    from prompt_jax.checkpoints import load_checkpoint
+    from prompt_jax.pytree import flatten
+
+    model_dir = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--gin_file=demo.gin", "--gin_file=methods/p_tuning_v2.gin",
+                     f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
+                     "--gin.EVAL_PERIOD=2", "--gin.train.eval_split=None",
+                     "--gin.INITIAL_CHECKPOINT=None", "--gin.ModelSpec.size='tiny'",
+                     "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+                     "--gin.BATCH_SIZE=4", "--gin.TRAINABLE=['.*']",
+                     "--gin.adafactor.learning_rate=0.01", "--gin.train.export_hf=True")
+    assert rc == 0, err
+    export = model_dir / "hf_export"
+    hf, info = transformers.T5ForConditionalGeneration.from_pretrained(
+        str(export), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _, exported = load_checkpoint(str(export))
+    state = ocp.StandardCheckpointer().restore(str(model_dir / "checkpoints" / "2" / "default"))
+    trained = {k: np.asarray(v) for k, v in flatten(state["trainable"]).items()}
+    assert any(k.startswith("deep_prompt/") for k in trained)
+    exported = flatten(exported)
+    assert set(exported) == {k for k in trained if not k.startswith("deep_prompt/")}
+    for k, v in exported.items():
+        np.testing.assert_array_equal(np.asarray(v), trained[k], err_msg=k)
+    _, base = load_checkpoint(str(model_dir / "base_model"))
+    assert any(np.abs(np.asarray(v) - trained[k]).max() > 0 for k, v in flatten(base).items())
