@@ -37,7 +37,18 @@ from typing import Any
 import numpy as np
 
 SIZES = {"tiny": "tiny", "small": "t5_1_1_small", "base": "t5_1_1_base",
-         "large": "t5_1_1_large"}
+         "large": "t5_1_1_large", "inhouse_tiny": "inhouse_tiny",
+         "inhouse_small": "inhouse_small", "inhouse_base": "inhouse_base"}
+# XLA's CPU backend choices (--backends): each variant's XLA_FLAGS, set before its worker
+# starts JAX (`prompt-jax` itself sets only `cli.CPU_YNN_FLAG`, and only without XLA_FLAGS).
+CPU_YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+BACKENDS = {
+    "xla": "",  # XLA's own defaults (YNNPACK fusions on)
+    "onednn": f"--xla_cpu_use_onednn=true {CPU_YNN_OFF}",
+    "onednn-ynn": "--xla_cpu_use_onednn=true",
+    "xnnpack": f"--xla_cpu_use_xnnpack=true {CPU_YNN_OFF}",
+    "noconc": f"--xla_cpu_enable_concurrency_optimized_scheduler=false {CPU_YNN_OFF}",
+}
 MIB = 2**20
 _PROTOCOL = "BENCH-JSON "
 
@@ -101,6 +112,9 @@ def parser(description: str, unit: str) -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="add the bf16 frozen-weight variants")
     p.add_argument("--ynn", action="store_true",
                    help="add the -ynn variants: XLA's CPU defaults (YNNPACK fusions on)")
+    p.add_argument("--backends", action="store_true",
+                   help="add a variant per XLA CPU backend choice (common.BACKENDS: oneDNN, "
+                        "XNNPACK, YNN fusions, the concurrency scheduler) of each jax variant")
     p.add_argument("--variants", default="", help="comma-separated subset to run")
     p.add_argument("--matmul-size", type=int, default=2048)
     return p
@@ -210,6 +224,8 @@ class Worker:
         env = dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="2")
         if spec.get("ynn"):  # XLA's own CPU defaults; otherwise the flags `prompt-jax` sets
             env["PROMPT_JAX_CPU_YNN"] = "1"
+        if spec.get("xla_flags") is not None:  # a --backends variant: exactly these flags
+            env["XLA_FLAGS"] = spec["xla_flags"]
         self._proc = subprocess.Popen(
             [sys.executable, script, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)

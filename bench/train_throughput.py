@@ -19,6 +19,10 @@ inputs 128 + prompt 100, targets 8. Variants:
   with --ynn:  jax-prompt-ynn, jax-model-ynn: the same steps with XLA's CPU defaults
                (YNNPACK fusions on), which `prompt-jax` turns off on jaxlib 0.10
                (`prompt_jax.cli.CPU_YNN_FLAG`; the jax-* variants run as the CLI does);
+  with --backends: jax-prompt-<b>, jax-model-<b> for each XLA CPU backend choice b of
+               `common.BACKENDS` (xla: XLA's defaults; onednn, onednn-ynn: oneDNN with the
+               YNN fusions off / on; xnnpack; noconc: the concurrency-optimized scheduler
+               off), each worker started with exactly those XLA_FLAGS;
   with --methods: the other prompt methods, P = --prompt-length virtual tokens each, the
                same inputs (P-tuning prepends its P soft tokens), Adafactor scaled by each
                parameter's RMS on both sides (as their gin files set; HF
@@ -240,6 +244,10 @@ def variants(args) -> dict[str, dict[str, Any]]:
             out["jax-" + name] = dict(spec, kind="jax")
             if name in PEFT_METHODS:
                 out["peft-" + name] = dict(spec, kind="peft")
+    if args.backends:
+        for name in ("jax-prompt", "jax-model"):
+            for backend, flags in common.BACKENDS.items():
+                out[f"{name}-{backend}"] = dict(out[name], xla_flags=flags)
     return common.select_variants(out, args.variants)
 
 
@@ -345,14 +353,15 @@ def report(args, specs, workers, peak: common.MatmulPeak) -> None:
         r = workers["jax-prompt-ynn"].median / workers["jax-model-ynn"].median
         print(f"  ynn prompt step / model step             {r:5.2f}  "
               f"({common.per_round(workers['jax-prompt-ynn'], workers['jax-model-ynn'])})")
-    for name in ("jax-prompt-bf16w", "jax-prompt-bf16", "jax-prompt-ynn"):
-        if name in per_s and "jax-prompt" in per_s:
-            r = per_s[name] / per_s["jax-prompt"]
+    backends = [f"{n}-{b}" for n in ("jax-prompt", "jax-model") for b in common.BACKENDS]
+    for name in ("jax-prompt-bf16w", "jax-prompt-bf16", "jax-prompt-ynn", *backends):
+        base = "jax-model" if name.startswith("jax-model") else "jax-prompt"
+        if name in per_s and base in per_s:
+            r = per_s[name] / per_s[base]
             extra = (f"; / PEFT {per_s[name] / per_s['peft-prompt']:.2f}"
-                     if "peft-prompt" in per_s else "")
-            print(f"  {name} / jax-prompt examples/s{' ' * (17 - len(name))}{r:5.2f}"
-                  f"  ({common.per_round(workers['jax-prompt'], workers[name])} inverse"
-                  f"{extra})")
+                     if "peft-prompt" in per_s and base == "jax-prompt" else "")
+            print(f"  {name} / {base} examples/s{' ' * max(1, 22 - len(name))}{r:5.2f}"
+                  f"  ({common.per_round(workers[base], workers[name])} inverse{extra})")
     _method_ratios(workers, per_s)
     load = os.getloadavg()
     print("load average at end: " + ", ".join(f"{x:.2f}" for x in load))

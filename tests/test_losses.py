@@ -91,20 +91,28 @@ def test_label_smoothing_perfect_prediction_is_zero():
     assert float(ce(make_logits(3), label_smoothing=ls)[0]) > 0.1
 
 
-@pytest.mark.parametrize("ls", [0.0, 0.1])
-def test_gradient_with_z_loss(ls):
+@pytest.mark.parametrize("ls,factor", [(0.0, None), (0.1, None), (0.1, 7.0)])
+def test_gradient_with_z_loss(ls, factor):
     z = 0.1
     logits = make_logits(4)
-    grad = jax.grad(lambda x: ce(x, z_loss=z, label_smoothing=ls)[0])(jnp.asarray(logits))
+    grad = jax.grad(lambda x: ce(x, z_loss=z, label_smoothing=ls,
+                                 loss_normalizing_factor=factor)[0])(jnp.asarray(logits))
     # d/dlogits [CE(q) + z log(Z)²] = (1 + 2 z log Z) softmax - q, per weighted token.
     logp, log_z = np_log_softmax(logits)
     q = np.full(logits.shape, ls / (V - 1))
     np.put_along_axis(q, TARGETS[..., None], 1.0 - ls, axis=-1)
-    want = ((1 + 2 * z * log_z[..., None]) * np.exp(logp) - q) * WEIGHTS[..., None]
+    want = ((1 + 2 * z * log_z[..., None]) * np.exp(logp) - q) * WEIGHTS[..., None] / (
+        factor or 1.0)
+    # The z-loss part alone (what `aux['z_loss']` reports): 2 z log Z softmax.
+    grad_z = jax.grad(lambda x: ce(x, z_loss=z, label_smoothing=ls,
+                                   loss_normalizing_factor=factor)[1]["z_loss"])(
+        jnp.asarray(logits))
+    np.testing.assert_allclose(grad_z, 2 * z * log_z[..., None] * np.exp(logp)
+                               * WEIGHTS[..., None] / (factor or 1.0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
     # One coordinate by central finite difference, as a check on the formula itself.
     eps = 1e-2
-    f = lambda x: float(np_loss(x, TARGETS, WEIGHTS, z, ls)[0])
+    f = lambda x: float(np_loss(x, TARGETS, WEIGHTS, z, ls)[0]) / (factor or 1.0)
     bump = np.zeros_like(logits, dtype=np.float64)
     bump[1, 0, 3] = eps
     fd = (f(logits + bump) - f(logits - bump)) / (2 * eps)
@@ -136,3 +144,25 @@ def test_per_example_log_likelihood():
     # Summed over examples it is minus the plain loss.
     np.testing.assert_allclose(-got.sum(), ce(np.asarray(jnp.asarray(logits, jnp.bfloat16),
                                                          np.float32))[0], rtol=1e-5)
+
+
+def test_tied_output_projection_gradient_equals_autodiff():
+    """`layers.attend` (its table gradient written out so XLA's CPU backend does not
+    transpose the logits gradient) has the value and both gradients of jnp.dot(x, table.T)
+    under autodiff, here through the loss of a [2, 3, V] batch."""
+    from prompt_jax.t5.layers import attend
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(V, 4)), jnp.float32)
+
+    def loss(f):
+        return lambda x, t: ce(f(x, t), z_loss=0.1)[0]
+
+    ours = jax.grad(loss(attend), argnums=(0, 1))(x, table)
+    ref = jax.grad(loss(lambda x, t: jnp.einsum("ble,ve->blv", x, t)), argnums=(0, 1))(x, table)
+    np.testing.assert_allclose(attend(x, table), jnp.einsum("ble,ve->blv", x, table),
+                               rtol=1e-6)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert float(jnp.abs(b).max()) > 1e-2  # not trivially zero

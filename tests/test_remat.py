@@ -56,8 +56,10 @@ def test_same_loss_and_gradients(dropout_rate):
         results[policy] = jax.jit(jax.value_and_grad(loss))(params)
     # Dropout: the same masks (another mask moves gradients by O(1)), but XLA fuses the
     # recomputed forward differently around the mask's scaling: float32 rounding, measured
-    # at most 1.9e-6 on gradients of up to ~4.
-    atol = 1e-5 if dropout_rate else 1e-6
+    # at most 1.9e-6 on gradients of up to ~4. Without dropout, float32 summation order
+    # only: at most 1.3e-6 (a query kernel's gradient, with the loss's written-out gradient,
+    # `losses._weighted_sums`).
+    atol = 1e-5 if dropout_rate else 2e-6
     (loss, grads) = results["none"]
     for policy in ("full", "dots"):
         other_loss, other_grads = results[policy]
