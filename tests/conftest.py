@@ -42,6 +42,28 @@ def tiny_config(**overrides):
     return get_config("tiny", **{**settings, **overrides})
 
 
+def save_random_backbone(directory, rng: np.random.Generator, **overrides):
+    """A random tiny T5 with T5's vocabulary (weights ~0.3 N(0, 1), norm scales ~1), saved as
+    an HF directory: outputs that differ from input to input and prompt to prompt, so a
+    mix-up shows. -> its config."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from prompt_jax.checkpoints import save_hf
+    from prompt_jax.t5.model import T5
+
+    config = tiny_config(vocab_size=32128, **overrides)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    shapes = flax.linen.unbox(jax.eval_shape(T5(config).init, jax.random.PRNGKey(0), tokens,
+                                             tokens)["params"])
+    leaves, tree = jax.tree.flatten_with_path(shapes)
+    params = [(1.0 + 0.1 * rng.normal(size=s.shape) if "scale" in jax.tree_util.keystr(path)
+               else 0.3 * rng.normal(size=s.shape)).astype(np.float32) for path, s in leaves]
+    save_hf(config, jax.tree.unflatten(tree, params), str(directory))
+    return config
+
+
 def build_data_dir(root: pathlib.Path) -> pathlib.Path:
     """A data directory: the shared RTE/WSC files beside the hand-written ones."""
     for bench in ("super_glue", "glue"):

@@ -13,17 +13,14 @@ import asyncio
 import json
 import re
 
-import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import save_random_backbone
 
 httpx = pytest.importorskip("httpx")
 
 from prompt_jax import build, infer, prompts, rank_classification, serve, serving  # noqa: E402
-from prompt_jax.checkpoints import save_hf  # noqa: E402
 from prompt_jax.checkpoints.peft import save_peft  # noqa: E402
 from prompt_jax.t5.model import T5  # noqa: E402
 
@@ -42,15 +39,8 @@ def files(tmp_path_factory):
     """The backbone (an HF directory), prompts of lengths 4 and 7 (.npy) and 5 (a PEFT
     adapter, for super_glue_rte), and a prompt of the wrong width."""
     root = tmp_path_factory.mktemp("serve")
-    config = tiny_config(vocab_size=32128, d_model=E)
-    tokens = jnp.ones((1, 4), jnp.int32)
-    shapes = flax.linen.unbox(jax.eval_shape(T5(config).init, jax.random.PRNGKey(0), tokens,
-                                             tokens)["params"])
     rng = np.random.default_rng(0)
-    leaves, tree = jax.tree.flatten_with_path(shapes)
-    params = [(1.0 + 0.1 * rng.normal(size=s.shape) if "scale" in jax.tree_util.keystr(path)
-               else 0.3 * rng.normal(size=s.shape)).astype(np.float32) for path, s in leaves]
-    save_hf(config, jax.tree.unflatten(tree, params), str(root / "backbone"))
+    save_random_backbone(root / "backbone", rng, d_model=E)
     arrays = {name: rng.normal(size=(n, E)).astype(np.float32)
               for name, n in (("short", 4), ("long", 7), ("rte", 5))}
     (root / "served").mkdir()

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import json
 
-import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import save_random_backbone
 
 httpx = pytest.importorskip("httpx")
 
 from prompt_jax import infer, prompts, serve  # noqa: E402
-from prompt_jax.checkpoints import save_hf  # noqa: E402
 from prompt_jax.methods import deep_prompts  # noqa: E402
-from prompt_jax.t5.model import T5  # noqa: E402
 
 E = 32
 LIMITS = serve.Limits(max_input_length=24, max_decode_length=8, decode_length=8)
@@ -34,15 +29,8 @@ def files(tmp_path_factory):
     """A random tiny T5 with T5's vocabulary, a P-tuning v2 deep prompt (.npz) for it, a
     prefix-tuning one, and a prompt (.npy)."""
     root = tmp_path_factory.mktemp("serve_methods")
-    config = tiny_config(vocab_size=32128, d_model=E)
-    tokens = jnp.ones((1, 4), jnp.int32)
-    shapes = flax.linen.unbox(jax.eval_shape(T5(config).init, jax.random.PRNGKey(0), tokens,
-                                             tokens)["params"])
     rng = np.random.default_rng(0)
-    leaves, tree = jax.tree.flatten_with_path(shapes)
-    params = [(1.0 + 0.1 * rng.normal(size=s.shape) if "scale" in jax.tree_util.keystr(path)
-               else 0.3 * rng.normal(size=s.shape)).astype(np.float32) for path, s in leaves]
-    save_hf(config, jax.tree.unflatten(tree, params), str(root / "backbone"))
+    config = save_random_backbone(root / "backbone", rng, d_model=E)
     for name, method in (("v2", "p_tuning_v2"), ("prefix", "prefix_tuning")):
         spec = deep_prompts.DeepPromptSpec(method, 6)
         deep_prompts.save_deep_prompt(str(root / f"{name}.npz"), spec, config,

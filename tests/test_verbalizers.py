@@ -116,8 +116,9 @@ GOLD = [2, 0, 1, -1]
 
 
 def _pet_setup(tmp_path):
-    import prompt_jax
     from conftest import shift_right
+
+    import prompt_jax
 
     hf = build_hf_model("t5_1_0_tied_relu", tmp_path)
     config, params = prompt_jax.load_checkpoint(str(tmp_path))
