@@ -85,6 +85,11 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
     from prompt_jax.methods import templates
 
     # A task's template with soft tokens: the prompts' rows go there (methods/templates.py).
+    if input_file and templates.soft_count(mixture_or_task_name or ""):
+        raise ValueError(f"{input_file}: {mixture_or_task_name}'s template places the prompt "
+                         "inside the input (task_templates.templates, soft tokens), but "
+                         "INPUT_FILE holds raw inputs, before which the prompt would be put: "
+                         "infer the task's split (no INPUT_FILE) instead")
     model = served.model().clone(soft_token_id=None if input_file else
                                  templates.model_soft_token_id(mixture_or_task_name))
     if model.soft_token_id is not None and truncate_inputs:

@@ -980,6 +980,14 @@ def load_service(*, initial_checkpoint: str | None, model: build.ModelSpec = bui
                          f"(served: {sorted(files)})")
     prompts = [load_prompt(name, path, config.d_model, tasks_of.get(name, mixture_or_task_name))
                for name, path in files.items() if name not in deep]
+    from prompt_jax.methods import templates
+
+    for p in prompts:
+        if p.task and templates.soft_count(p.task):
+            raise ValueError(f"serve: prompt {p.name!r} ({p.source}) is for {p.task}, whose "
+                             "template places the prompt inside the input (soft tokens, "
+                             "task_templates.templates); the server puts prompts before raw "
+                             "inputs, so a templated prompt is not served")
     if deep:  # its own entry: no soft prompt, the deep prompt only (under every prompt)
         check_task(task := tasks_of.get(deep_name, mixture_or_task_name))
         prompts.append(Prompt(deep_name, np.zeros((0, config.d_model), np.float32),

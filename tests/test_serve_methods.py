@@ -174,3 +174,32 @@ def test_serve_reads_a_runs_config():
         open(f"{d}/config.gin", "w").close()
         assert cli.run_config_files("serve", [f"MODEL_DIR='{d}'"]) == ["runs/serve.gin",
                                                                        f"{d}/config.gin"]
+
+
+def test_templated_prompts_are_refused_where_inputs_are_raw(files, tmp_path):
+    """A task whose template places the prompt inside the input: `serve` (which puts prompts
+    before raw inputs) and `infer` with an INPUT_FILE refuse its prompt rather than prepend it."""
+    import gin
+
+    from prompt_jax import data  # noqa: F401  (registers the tasks)
+
+    gin.bind_parameter("task_templates.templates", {
+        "super_glue_rte": "{soft:4} rte hypothesis: {hypothesis} premise: {premise}"})
+    with pytest.raises(ValueError, match="prompt 'soft' .* is for super_glue_rte, whose "
+                                         "template places the prompt inside the input"):
+        serve.load_service(initial_checkpoint=str(files / "backbone"),
+                           prompt_files={"soft": str(files / "soft.npy")},
+                           mixture_or_task_name="super_glue_rte")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"inputs": TEXTS[0]}) + "\n")
+    with pytest.raises(ValueError, match="in.jsonl: super_glue_rte's template places the "
+                                         "prompt inside the input"):
+        infer.infer(initial_checkpoint=str(files / "backbone"),
+                    task_feature_lengths={"inputs": 24, "targets": 8}, input_file=str(inputs),
+                    output_file=str(tmp_path / "out.jsonl"),
+                    mixture_or_task_name="super_glue_rte",
+                    prompt_file=str(files / "soft.npy"))
+    gin.clear_config()  # without the template both serve it
+    serve.load_service(initial_checkpoint=str(files / "backbone"),
+                       prompt_files={"soft": str(files / "soft.npy")},
+                       mixture_or_task_name="super_glue_rte")
