@@ -232,6 +232,26 @@ def default_prompt_file(initial_checkpoint: str | None, model_dir: str | None) -
     return best if os.path.exists(best) else None
 
 
+def default_deep_prompt_file(model_dir: str | None) -> str | None:
+    """MODEL_DIR/best_deep_prompt.npz when the run wrote one (P-tuning v2, prefix tuning)."""
+    if not model_dir:
+        return None
+    best = model_dir_lib.path(model_dir, model_dir_lib.BEST_DEEP_PROMPT)
+    return best if os.path.exists(best) else None
+
+
+def deep_prompt_files(named: Mapping[str, str]) -> dict[str, str]:
+    """{name: path} of the deep prompts among named prompt files; more than one is an error
+    (a model runs at most one)."""
+    from prompt_jax.methods import deep_prompts
+
+    deep = {name: p for name, p in named.items() if deep_prompts.is_deep_prompt_artifact(p)}
+    if len(deep) > 1:
+        raise ValueError(f"{len(deep)} deep prompts ({', '.join(deep.values())}); a model "
+                         "runs at most one")
+    return deep
+
+
 def load_served(spec: ModelSpec, initial_checkpoint: str | None, model_dir: str | None,
                 prompt_files: Mapping[str, str] | Sequence[str] | None, seed: int = 0
                 ) -> Served:
@@ -253,15 +273,10 @@ def load_served(spec: ModelSpec, initial_checkpoint: str | None, model_dir: str 
         if not files and (default := default_prompt_file(initial_checkpoint, model_dir)):
             files = [default]
         named = {f"prompt_{i}": f for i, f in enumerate(files)}
-    deep = {name: p for name, p in named.items() if deep_prompts.is_deep_prompt_artifact(p)}
-    if len(deep) > 1:
-        raise ValueError(f"{', '.join(deep.values())}: {len(deep)} deep prompts; a model runs "
-                         "at most one")
+    deep = deep_prompt_files(named)
     deep_source = next(iter(deep.values()), None)
-    best_deep = model_dir_lib.path(model_dir, model_dir_lib.BEST_DEEP_PROMPT) if model_dir \
-        else None
-    if deep_source is None and not prompt_files and best_deep and os.path.exists(best_deep):
-        deep_source = best_deep
+    if deep_source is None and not prompt_files:
+        deep_source = default_deep_prompt_file(model_dir)
     named = {name: p for name, p in named.items() if name not in deep}
     loaded = {name: load_prompt_for(path, config) for name, path in named.items()}
     return Served(config, frozen, loaded, named,

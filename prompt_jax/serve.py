@@ -955,14 +955,9 @@ def load_service(*, initial_checkpoint: str | None, model: build.ModelSpec = bui
         tasks_of = {**{task: task for task in files}, **tasks_of}
         if not files and (default := build.default_prompt_file(initial_checkpoint, model_dir)):
             files[os.path.basename(os.path.normpath(default)).removesuffix(".npy")] = default
-        best_deep = model_dir_lib.path(model_dir, model_dir_lib.BEST_DEEP_PROMPT) \
-            if model_dir else None
-        if best_deep and os.path.exists(best_deep):
+        if best_deep := build.default_deep_prompt_file(model_dir):
             files[model_dir_lib.BEST_DEEP_PROMPT.removesuffix(".npz")] = best_deep
-    deep = {n: p for n, p in files.items() if deep_prompts.is_deep_prompt_artifact(p)}
-    if len(deep) > 1:
-        raise ValueError(f"serve: {len(deep)} deep prompts ({', '.join(deep.values())}); the "
-                         "served model runs at most one")
+    deep = build.deep_prompt_files(files)
     config, frozen = build.load_frozen(model, initial_checkpoint, model_dir, seed)
     deep_prompt = deep_source = None
     host = dict(frozen)

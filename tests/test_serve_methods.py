@@ -104,16 +104,21 @@ def post_all(url: str, bodies: list[tuple[str, dict]]) -> list[httpx.Response]:
     return asyncio.run(go())
 
 
-def test_infer_refuses_prompts_of_different_lengths_under_a_deep_prompt(files, tmp_path):
+def infer_one_input(files, tmp_path, **prompts):
+    """`infer` of one input line (an INPUT_FILE in tmp_path) on the backbone."""
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"inputs": TEXTS[0]}) + "\n")
+    return infer.infer(initial_checkpoint=str(files / "backbone"),
+                       task_feature_lengths={"inputs": 24, "targets": 8},
+                       input_file=str(inputs), output_file=str(tmp_path / "out.jsonl"),
+                       **prompts)
+
+
+def test_infer_refuses_prompts_of_different_lengths_under_a_deep_prompt(files, tmp_path):
     with pytest.raises(ValueError, match="v2.npz: under a deep prompt the prompts must be of "
                                          "one length.*prompt_1=4, prompt_2=7"):
-        infer.infer(initial_checkpoint=str(files / "backbone"),
-                    task_feature_lengths={"inputs": 24, "targets": 8}, input_file=str(inputs),
-                    output_file=str(tmp_path / "out.jsonl"),
-                    prompt_files=[str(files / "v2.npz"), str(files / "soft.npy"),
-                                  str(files / "soft7.npy")])
+        infer_one_input(files, tmp_path, prompt_files=[
+            str(files / "v2.npz"), str(files / "soft.npy"), str(files / "soft7.npy")])
 
 
 def test_two_deep_prompts_are_refused(files):
@@ -190,15 +195,10 @@ def test_templated_prompts_are_refused_where_inputs_are_raw(files, tmp_path):
         serve.load_service(initial_checkpoint=str(files / "backbone"),
                            prompt_files={"soft": str(files / "soft.npy")},
                            mixture_or_task_name="super_glue_rte")
-    inputs = tmp_path / "in.jsonl"
-    inputs.write_text(json.dumps({"inputs": TEXTS[0]}) + "\n")
     with pytest.raises(ValueError, match="in.jsonl: super_glue_rte's template places the "
                                          "prompt inside the input"):
-        infer.infer(initial_checkpoint=str(files / "backbone"),
-                    task_feature_lengths={"inputs": 24, "targets": 8}, input_file=str(inputs),
-                    output_file=str(tmp_path / "out.jsonl"),
-                    mixture_or_task_name="super_glue_rte",
-                    prompt_file=str(files / "soft.npy"))
+        infer_one_input(files, tmp_path, mixture_or_task_name="super_glue_rte",
+                        prompt_file=str(files / "soft.npy"))
     gin.clear_config()  # without the template both serve it
     serve.load_service(initial_checkpoint=str(files / "backbone"),
                        prompt_files={"soft": str(files / "soft.npy")},
