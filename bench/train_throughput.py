@@ -23,6 +23,9 @@ inputs 128 + prompt 100, targets 8. Variants:
                `common.BACKENDS` (xla: XLA's defaults; onednn, onednn-ynn: oneDNN with the
                YNN fusions off / on; xnnpack; noconc: the concurrency-optimized scheduler
                off), each worker started with exactly those XLA_FLAGS;
+  with --dropout-impls: jax-prompt-flaxdrop, jax-model-flaxdrop: the same steps with flax's
+               nn.Dropout masks (`ModelSpec.dropout_impl='flax'`, a 32-bit uniform per
+               element) instead of the default packed 16-bit draws (`t5.layers.PackedDropout`);
   with --methods: the other prompt methods, P = --prompt-length virtual tokens each, the
                same inputs (P-tuning prepends its P soft tokens), Adafactor scaled by each
                parameter's RMS on both sides (as their gin files set; HF
@@ -58,7 +61,8 @@ def _config(spec: dict[str, Any]):
     from prompt_jax.t5 import get_config
 
     return get_config(common.SIZES[spec["size"]], dropout_rate=spec["dropout"],
-                      dtype=spec["dtype"], param_dtype=spec["param_dtype"])
+                      dtype=spec["dtype"], param_dtype=spec["param_dtype"],
+                      dropout_impl=spec.get("dropout_impl", "packed"))
 
 
 def _count(tree) -> int:
@@ -233,6 +237,9 @@ def variants(args) -> dict[str, dict[str, Any]]:
     if args.ynn:
         out["jax-prompt-ynn"] = dict(prompt, kind="jax", ynn=True)
         out["jax-model-ynn"] = dict(model, kind="jax", ynn=True)
+    if args.dropout_impls:
+        out["jax-prompt-flaxdrop"] = dict(prompt, kind="jax", dropout_impl="flax")
+        out["jax-model-flaxdrop"] = dict(model, kind="jax", dropout_impl="flax")
     if args.methods:
         # As methods/*.gin: Adafactor scaled by parameter RMS; P virtual tokens everywhere.
         method = dict(prompt, scale_param=True, virtual_tokens=args.prompt_length,
@@ -354,7 +361,8 @@ def report(args, specs, workers, peak: common.MatmulPeak) -> None:
         print(f"  ynn prompt step / model step             {r:5.2f}  "
               f"({common.per_round(workers['jax-prompt-ynn'], workers['jax-model-ynn'])})")
     backends = [f"{n}-{b}" for n in ("jax-prompt", "jax-model") for b in common.BACKENDS]
-    for name in ("jax-prompt-bf16w", "jax-prompt-bf16", "jax-prompt-ynn", *backends):
+    for name in ("jax-prompt-bf16w", "jax-prompt-bf16", "jax-prompt-ynn", "jax-prompt-flaxdrop",
+                 "jax-model-flaxdrop", *backends):
         base = "jax-model" if name.startswith("jax-model") else "jax-prompt"
         if name in per_s and base in per_s:
             r = per_s[name] / per_s[base]
@@ -373,6 +381,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--methods", action="store_true",
                    help="add the P-tuning, P-tuning v2 and prefix tuning variants (jax, peft)")
+    p.add_argument("--dropout-impls", action="store_true",
+                   help="add jax-prompt-flaxdrop, jax-model-flaxdrop (flax's dropout masks)")
     args = p.parse_args()
 
     info = common.machine_info()

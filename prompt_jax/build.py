@@ -42,6 +42,9 @@ class ModelSpec:
     their memory); the prompt and its optimizer state are always float32.
     `remat_policy` (none | full | dots, `T5Config.remat_policy`) trades the backward pass's
     activation memory for recomputation; the numerics are the same under each.
+    `dropout_impl` (packed | flax, `T5Config.dropout_impl`) is how dropout draws its masks:
+    "packed" spends a quarter of the random bits; "flax" reproduces the dropout of runs made
+    before it existed (resume such a run with it to continue the same stream).
     """
 
     size: str | None = None
@@ -49,11 +52,13 @@ class ModelSpec:
     param_dtype: str = "float32"
     dropout_rate: float = 0.1
     remat_policy: str = "none"
+    dropout_impl: str = "packed"
 
     def numerics(self) -> dict[str, Any]:
         """What the spec sets whatever the architecture."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                    dropout_rate=self.dropout_rate, remat_policy=self.remat_policy)
+                    dropout_rate=self.dropout_rate, remat_policy=self.remat_policy,
+                    dropout_impl=self.dropout_impl)
 
     def config(self) -> T5Config:
         if self.size is None:
@@ -83,8 +88,8 @@ class ModelSpec:
 
 
 # Fields a T5Config takes from the run (or the size) rather than from a checkpoint's shapes.
-_NOT_FROM_CHECKPOINT = ("dtype", "param_dtype", "dropout_rate", "remat_policy",
-                        "relative_attention_max_distance", "layer_norm_epsilon")
+_NOT_FROM_CHECKPOINT = ("dtype", "param_dtype", "dropout_rate", "dropout_impl",
+                        "remat_policy", "relative_attention_max_distance", "layer_norm_epsilon")
 
 
 @gin.configurable

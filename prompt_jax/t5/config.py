@@ -16,6 +16,10 @@ import jax.numpy as jnp
 DTYPES = ("float32", "bfloat16", "float16")
 # What the backward pass keeps of each encoder/decoder layer (`T5Config.remat_policy`).
 REMAT_POLICIES = ("none", "full", "dots")
+# How dropout draws its masks: "packed" (t5.layers.PackedDropout: 16-bit draws, four per
+# Threefry block) or "flax" (flax's nn.Dropout: a 32-bit uniform per element, the stream of
+# runs made before "packed" existed).
+DROPOUT_IMPLS = ("packed", "flax")
 
 # Where a prompt-tuned T5 keeps its prompt `[P, E]` (t5x/flaxformer's name); a constant of
 # the model (`prompt_jax.t5.model` re-exports it), defined here so that readers of
@@ -57,6 +61,7 @@ class T5Config:
     separate_encoder_embedding: bool = False
     separate_decoder_embedding: bool = False
     dropout_rate: float = 0.1
+    dropout_impl: str = "packed"  # one of DROPOUT_IMPLS; see prompt_jax.t5.layers
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"  # stored weights (frozen weights may be bfloat16)
@@ -76,6 +81,9 @@ class T5Config:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.dropout_impl not in DROPOUT_IMPLS:
+            raise ValueError(f"T5Config.dropout_impl must be one of {DROPOUT_IMPLS}, "
+                             f"got {self.dropout_impl!r}")
         if self.scale_logits not in (None, True, False):
             raise ValueError(f"T5Config.scale_logits must be True, False or None (follow "
                              f"tie_embeddings), got {self.scale_logits!r}")

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_jax.t5.config import DROPOUT_IMPLS
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -229,6 +231,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dropout_impl: str = "packed"
 
     @nn.compact
     def __call__(
@@ -299,8 +302,7 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not deterministic and self.dropout_rate > 0.0:
             # One mask shared across batch and heads, as flaxformer's T5 (broadcast_dropout).
-            weights = nn.Dropout(self.dropout_rate, broadcast_dims=(0, 1))(
-                weights, deterministic=False)
+            weights = dropout(self.dropout_rate, False, self.dropout_impl, (0, 1))(weights)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         out = out.reshape(out.shape[:2] + (joined,))
         return dense(self.d_model, ("joined_kv", "embed"), normal(joined**-0.5), name="out")(out)
@@ -315,6 +317,7 @@ class MLP(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dropout_impl: str = "packed"
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -329,7 +332,7 @@ class MLP(nn.Module):
             h = jax.nn.relu(dense(self.d_ff, ("embed", "mlp"), wi_init, name="wi")(x))
         h = constrain(h, ("batch", "length", "mlp"))
         if not deterministic and self.dropout_rate > 0.0:
-            h = nn.Dropout(self.dropout_rate)(h, deterministic=False)
+            h = dropout(self.dropout_rate, False, self.dropout_impl)(h)
         return dense(self.d_model, ("mlp", "embed"), normal(self.d_ff**-0.5), name="wo")(h)
 
 
@@ -344,7 +347,64 @@ def causal_mask(length: int) -> Array:
     return (idx[None, :] <= idx[:, None])[None, None]
 
 
-def dropout(rate: float, deterministic: bool) -> Callable[[Array], Array]:
+def dropout(rate: float, deterministic: bool, impl: str = "packed",
+            broadcast_dims: tuple[int, ...] = ()) -> Callable[[Array], Array]:
+    """x -> x with each element (or slice, along `broadcast_dims`) zeroed with probability
+    `rate` and the rest scaled to keep the mean, drawing from the "dropout" rng stream of
+    the calling module (a new submodule per call, as flax names them)."""
     if deterministic or rate == 0.0:
         return lambda x: x
-    return lambda x: nn.Dropout(rate)(x, deterministic=False)
+    if impl == "flax":
+        return lambda x: nn.Dropout(rate, broadcast_dims=broadcast_dims)(x, deterministic=False)
+    if impl != "packed":
+        raise ValueError(f"dropout impl must be one of {DROPOUT_IMPLS}, got {impl!r}")
+    return lambda x: PackedDropout(rate, broadcast_dims)(x)
+
+
+class PackedDropout(nn.Module):
+    """Dropout whose mask costs a quarter of flax's random bits.
+
+    Each element is dropped when a 16-bit draw is below round(rate * 2**16), so the drop
+    probability is that count / 2**16 (0.1 -> 0.100006) and kept values are scaled by the
+    inverse of the exact keep probability (E[output] = x). The draws come four at a time
+    from one Threefry-2x32 block (two 32-bit words) keyed by the module's "dropout" rng and
+    counted by element position, elementwise in the array's own shape, so XLA partitions it
+    like any elementwise op. flax's nn.Dropout spends a whole block per element (a float32
+    uniform); the profile of the T5 1.1 small prompt-tuning step put 30% of its op time in
+    those bits (bench/RESULTS.md).
+    """
+
+    rate: float
+    broadcast_dims: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = tuple(1 if d in self.broadcast_dims else n for d, n in enumerate(x.shape))
+        threshold = int(round(self.rate * 2**16))
+        keep = packed_uniform16(self.make_rng("dropout"), shape) >= threshold
+        scale = jnp.asarray(2**16 / (2**16 - threshold), x.dtype)
+        return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+
+
+def packed_uniform16(key: Array, shape: tuple[int, ...]) -> Array:
+    """uint32 [shape] of independent uniform 16-bit values, four per Threefry block when the
+    last dimension is a multiple of 4 (else one per block)."""
+    from jax.extend.random import threefry2x32_p
+
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if key.shape != (2,):
+        raise ValueError(f"packed dropout needs a Threefry key (2 words), got shape {key.shape}")
+    packed = len(shape) > 0 and shape[-1] % 4 == 0
+    blocks = shape[:-1] + (shape[-1] // 4,) if packed else shape
+    if int(np.prod(blocks)) >= 2**32:
+        raise ValueError(f"packed dropout counts blocks in 32 bits; {shape} needs more")
+    # Linear block index from per-dimension iotas: elementwise, so it partitions.
+    strides = np.cumprod((1,) + blocks[::-1])[:-1][::-1]
+    count = sum((jax.lax.broadcasted_iota(jnp.uint32, blocks, d) * jnp.uint32(s)
+                 for d, s in enumerate(strides)), jnp.zeros(blocks, jnp.uint32))
+    lo, hi = threefry2x32_p.bind(key[0], key[1], count, jnp.zeros_like(count))
+    if not packed:
+        return lo & 0xFFFF
+    draws = jnp.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], axis=-1)
+    return draws.reshape(shape)

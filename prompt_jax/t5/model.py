@@ -60,12 +60,13 @@ def _norm(config: T5Config, name: str) -> RMSNorm:
 
 def _attention(config: T5Config, name: str) -> MultiHeadAttention:
     return MultiHeadAttention(config.num_heads, config.d_kv, config.d_model, config.dropout_rate,
-                              config.activation_dtype, config.weight_dtype, name=name)
+                              config.activation_dtype, config.weight_dtype,
+                              config.dropout_impl, name=name)
 
 
 def _mlp(config: T5Config) -> MLP:
     return MLP(config.d_ff, config.d_model, config.gated_gelu, config.dropout_rate,
-               config.activation_dtype, config.weight_dtype, name="mlp")
+               config.activation_dtype, config.weight_dtype, config.dropout_impl, name="mlp")
 
 
 def _embed(config: T5Config, name: str) -> Embed:
@@ -107,7 +108,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool,
                  kv_prefix: tuple[Array, Array] | None = None) -> Array:
-        drop = dropout(self.config.dropout_rate, deterministic)
+        drop = dropout(self.config.dropout_rate, deterministic, self.config.dropout_impl)
         h = _norm(self.config, "pre_attention_layer_norm")(x)
         h = _attention(self.config, "attention")(h, h, mask, bias, kv_prefix=kv_prefix,
                                                  deterministic=deterministic)
@@ -124,7 +125,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, y: Array, encoded: Array, self_mask: Array | None, cross_mask: Array,
                  bias: Array, deterministic: bool, decode: bool,
                  kv_prefix: tuple[Array, Array] | None = None) -> Array:
-        drop = dropout(self.config.dropout_rate, deterministic)
+        drop = dropout(self.config.dropout_rate, deterministic, self.config.dropout_impl)
         h = _norm(self.config, "pre_self_attention_layer_norm")(y)
         h = _attention(self.config, "self_attention")(
             h, h, self_mask, bias, kv_prefix=kv_prefix, decode=decode,
@@ -168,7 +169,7 @@ class Encoder(nn.Module):
         soft = None if self.soft_token_id is None else tokens == self.soft_token_id
         x, mask = self.place_soft_tokens(x, tokens > 0, prefix, prefix_mask, soft)
         x = constrain(x, ("batch", "length", "embed"))
-        x = dropout(cfg.dropout_rate, deterministic)(x)
+        x = dropout(cfg.dropout_rate, deterministic, cfg.dropout_impl)(x)
 
         length = x.shape[1]
         kv_prefixes, n = _kv_prefixes(kv_prefixes)
@@ -180,7 +181,7 @@ class Encoder(nn.Module):
             x = layer(cfg, name=f"layers_{i}")(
                 x, pair_mask, bias if kv else bias[..., n:], deterministic, kv)
         x = _norm(cfg, "encoder_norm")(x)
-        return dropout(cfg.dropout_rate, deterministic)(x), mask
+        return dropout(cfg.dropout_rate, deterministic, cfg.dropout_impl)(x), mask
 
     def place_soft_tokens(self, x: Array, mask: Array, prefix: Array | None,
                           prefix_mask: Array | None, soft: Array | None = None
@@ -237,7 +238,7 @@ class Decoder(nn.Module):
         cfg = self.config
         own = cfg.separate_decoder_embedding  # a table of its own, else the shared one
         y = (_embed(cfg, "token_embedder") if own else self.token_embedder)(decoder_input_tokens)
-        y = dropout(cfg.dropout_rate, deterministic)(y)
+        y = dropout(cfg.dropout_rate, deterministic, cfg.dropout_impl)(y)
         length = y.shape[1]
         relpos = _relpos(cfg)
         kv_prefixes, n = _kv_prefixes(kv_prefixes)
@@ -269,7 +270,7 @@ class Decoder(nn.Module):
                                                bias if kv else bias[..., n:], deterministic,
                                                decode, kv)
         y = _norm(cfg, "decoder_norm")(y)
-        y = dropout(cfg.dropout_rate, deterministic)(y)
+        y = dropout(cfg.dropout_rate, deterministic, cfg.dropout_impl)(y)
         if cfg.logits_scaled:
             y = y * cfg.d_model**-0.5
         if cfg.tie_embeddings:  # the shared table, even where the inputs have their own
