@@ -95,11 +95,6 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
     if model.soft_token_id is not None and truncate_inputs:
         raise ValueError(f"infer.truncate_inputs would cut the end of {mixture_or_task_name}'s "
                          "template (its soft tokens with it); run without it")
-    if served.deep_prompt and len({p.shape[0] for p in served.prompts.values()}) > 1:
-        raise ValueError(f"{served.deep_prompt_source}: under a deep prompt the prompts must "
-                         "be of one length (its prefix keys sit at fixed positions, so "
-                         "left-padding a shorter prompt would move them); found lengths "
-                         + ", ".join(f"{n}={p.shape[0]}" for n, p in served.prompts.items()))
     for name, prompt in served.prompts.items():
         if model.soft_token_id is not None:
             templates.check_prompt_length(mixture_or_task_name, prompt.shape[0],

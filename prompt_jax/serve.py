@@ -17,8 +17,8 @@ multiple of 8, decode lengths to a power of two — so a few programs are compil
 per request (all prompts of one length: one prompt width). A deep prompt (P-tuning v2,
 prefix tuning: `MODEL_DIR/best_deep_prompt.npz` or a `.npz`/PEFT PREFIX_TUNING file among the
 prompts) is part of the served model, under every prompt, and is listed as a prompt of
-length 0 (no soft prompt); its prefix keys sit at fixed positions, so under it a batch holds
-rows of one prompt length, not left-padded. Padding
+length 0 (no soft prompt); its prefix keys see each row's positions from the row's first
+real one, so left-padded prompts leave them where they are unpadded. Padding
 is masked and each row has its own decode limit and random stream, so a row's result
 does not depend on its batch-mates (up to float summation order). The answer's header
 `x-batch-requests` says how many requests the fullest of its batches held.
@@ -507,8 +507,7 @@ class Engine:
             tokens[i, :len(r.ids)] = r.ids
         # Per-row prompts, left-padded to the longest, then to a multiple of 8.
         prefix, prefix_mask = serving.pack_prompts([r.prompt for r in list(rows) + pad])
-        # Under a deep prompt the rows' prompts are of one length (`Batcher._key`), unpadded.
-        width = 0 if self.deep_prompt_source else -prefix.shape[1] % PROMPT_ALIGN
+        width = -prefix.shape[1] % PROMPT_ALIGN
         arrays = {"tokens": tokens, "prefix": np.pad(prefix, ((0, 0), (width, 0), (0, 0))),
                   "prefix_mask": np.pad(prefix_mask, ((0, 0), (width, 0)))}
         kind = rows[0].program[0]
@@ -616,8 +615,7 @@ class Batcher:
                     self._cv.wait()
                     continue
                 head = self._rows[0]
-                key = self._key(head)
-                same = [r for r in self._rows if self._key(r) == key][:limit]
+                same = [r for r in self._rows if r.program == head.program][:limit]
                 left = head.arrival + wait - time.monotonic()
                 if len(same) < limit and left > 0:
                     self._cv.wait(left)
@@ -626,12 +624,6 @@ class Batcher:
                 self._rows = collections.deque(r for r in self._rows if id(r) not in taken)
                 return same
         return None
-
-    def _key(self, row: Row) -> tuple:
-        """Rows that may share a batch: one program; under a deep prompt also one prompt
-        length (its prefix keys sit at absolute positions, so a soft prompt must not be
-        left-padded: `Engine.run`)."""
-        return (row.program, len(row.prompt) if self.engine.deep_prompt_source else None)
 
     def _loop(self) -> None:
         while (rows := self._next_batch()) is not None:

@@ -6,7 +6,9 @@ Prompts reach the frozen model (no `encoder/prompt` param, `prompt_length=0`) as
 within the prefix (padding, prompt rows, then the input tokens) with
 `prefix_mask` False on the padding: T5's attention depends only on relative
 positions and masked keys get exactly zero weight, so each row computes what it
-would compute alone (up to float summation order).
+would compute alone (up to float summation order). A P-tuning v2 deep prompt's keys
+have absolute positions; the encoder counts them from each row's first real position
+(`RelativePositionBiases(query_shift=...)`), so the same holds under one.
 
 - `score_targets` / `rank_classify`: candidate targets [B, C, L] scored by total
   log-likelihood in one forward (each example encoded once, its encoding repeated

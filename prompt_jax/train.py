@@ -331,11 +331,6 @@ def method_model(config: Any, task_name: str, prompt_length: int,
                soft_token_id=templates.model_soft_token_id(task_name))
     if multitask_prompts is not None:  # a shared prompt and one per task
         model = multitask_prompts.model(config, task_name)
-        if deep_prompt is not None and len(set(multitask.combined_lengths(model))) > 1:
-            raise ValueError("multi-task prompts of different lengths with a deep prompt: "
-                             "its prefix keys sit at fixed positions, which left-padding the "
-                             "shorter prompts would move; found "
-                             f"{multitask.combined_lengths(model)}")
     if deep_prompt is not None:  # key/value prefixes (P-tuning v2, prefix tuning)
         model = model.clone(deep_prompt_spec=deep_prompt)
     return model

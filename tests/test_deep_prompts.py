@@ -80,6 +80,51 @@ def test_prefix_bias_is_hf_bias_with_n_positions_cached():
             np.testing.assert_allclose(np.asarray(one)[0, :, 0], ref[0, :, step], atol=1e-6)
 
 
+def test_prefix_bias_per_row_shift_is_the_unpadded_rows_bias():
+    """With `query_shift` s_b, row b's queries at s_b.. see the prefix keys as an unpadded
+    row's queries at 0.. do (HF's compute_bias(past_seen_tokens=N) on the shorter row)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(num_heads=2, relative_attention_num_buckets=8,
+                                relative_attention_max_distance=12, is_decoder=False)
+    hf = transformers.models.t5.modeling_t5.T5Attention(cfg, has_relative_attention_bias=True)
+    table = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
+    with torch.no_grad():
+        hf.relative_attention_bias.weight.copy_(torch.tensor(table.T))
+    rel = RelativePositionBiases(8, 12, 2)
+    length, shifts = 9, [0, 3, 5]
+    ours = np.asarray(rel.apply({"params": {"rel_embedding": table}}, length, length, True,
+                                key_prefix=N, query_shift=jnp.asarray(shifts)))
+    assert ours.shape == (3, 2, length, N + length)
+    for b, s in enumerate(shifts):
+        ref = hf.compute_bias(length - s, N + length - s, past_seen_tokens=N).detach().numpy()
+        np.testing.assert_allclose(ours[b, :, s:, :N], ref[0, :, :, :N], atol=1e-6)
+        np.testing.assert_allclose(ours[b, :, s:, N + s:], ref[0, :, :, N:], atol=1e-6)
+    assert np.abs(ours[1, :, 3:, :N] - ours[0, :, 3:, :N]).max() > 1e-3  # the shift matters
+
+
+def test_p_tuning_v2_rows_with_left_padded_prompts_equal_each_alone():
+    """A batch of rows whose prompts (lengths 2 and 5) are left-padded to one width gives
+    each row the logits it has alone, unpadded, under a P-tuning v2 deep prompt."""
+    spec = DeepPromptSpec("p_tuning_v2", 3)
+    model, params = _v2_model(spec)
+    rng = np.random.default_rng(4)
+    b = _v2_batch(rng, n=2)
+    prompts = [rng.normal(size=(n, V2_CONFIG.d_model)).astype(np.float32) for n in (2, 5)]
+    width = 5
+    prefix = np.zeros((2, width, V2_CONFIG.d_model), np.float32)
+    mask = np.zeros((2, width), bool)
+    for i, p in enumerate(prompts):
+        prefix[i, width - len(p):], mask[i, width - len(p):] = p, True
+    batched = model.apply({"params": params}, b["encoder_input_tokens"],
+                          b["decoder_input_tokens"], prefix_embeddings=jnp.asarray(prefix),
+                          prefix_mask=jnp.asarray(mask))
+    for i, p in enumerate(prompts):
+        alone = model.apply({"params": params}, b["encoder_input_tokens"][i:i + 1],
+                            b["decoder_input_tokens"][i:i + 1], prefix_embeddings=jnp.asarray(p))
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(alone[0]), atol=1e-5)
+
+
 # ------------------------------------------------------------------ prefix tuning vs PEFT
 
 torch = pytest.importorskip("torch")

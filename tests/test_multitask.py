@@ -15,6 +15,7 @@ from conftest import tiny_config
 
 from prompt_jax import losses, optim, prompts, serving, train_step
 from prompt_jax.methods import multitask
+from prompt_jax.methods.deep_prompts import DeepPromptSpec
 from prompt_jax.methods.multitask import MultitaskPrompts, MultitaskT5
 from prompt_jax.t5 import T5
 
@@ -23,9 +24,9 @@ NAMES = ("task_a", "task_b", "task_c")
 CONFIG = tiny_config(d_model=64, d_kv=16, d_ff=80)
 
 
-def make_model(mode="concat", shared=3, lengths=(2, 5, 0), config=CONFIG):
+def make_model(mode="concat", shared=3, lengths=(2, 5, 0), config=CONFIG, deep=None):
     return MultitaskT5(config, task_names=NAMES, shared_length=shared, task_lengths=lengths,
-                       mode=mode)
+                       mode=mode, deep_prompt_spec=deep)
 
 
 def init(model, seed=0):
@@ -93,9 +94,10 @@ def test_combined_prompts_and_packing(mode, lengths):
     np.testing.assert_array_equal(mask, ref_mask)
 
 
-def alone_log_likelihood(params, prompt, b, row):
-    """Row `row` of batch `b` through a plain T5 whose own prompt is `prompt`."""
-    model = T5(CONFIG, prompt_length=prompt.shape[0])
+def alone_log_likelihood(params, prompt, b, row, deep=None):
+    """Row `row` of batch `b` through a plain T5 whose own prompt is `prompt` (and the
+    deep prompt `deep` of `params`)."""
+    model = T5(CONFIG, prompt_length=prompt.shape[0], deep_prompt_spec=deep)
     one = {k: v[row:row + 1] for k, v in b.items() if k != "task_index"}
     tree = multitask.single_task_params(params, jnp.asarray(prompt))
     logits = model.apply({"params": tree}, one["encoder_input_tokens"],
@@ -104,9 +106,13 @@ def alone_log_likelihood(params, prompt, b, row):
         logits, one["decoder_target_tokens"], losses.loss_weights(one))[0]
 
 
-@pytest.mark.parametrize("mode,lengths", [("concat", (2, 5, 0)), ("add", (3, 3, 3))])
-def test_mixed_task_batch_equals_each_task_alone(mode, lengths):
-    model = make_model(mode, 3, lengths)
+@pytest.mark.parametrize("mode,lengths,deep", [
+    ("concat", (2, 5, 0), None), ("add", (3, 3, 3), None),
+    # Per-task prompts of different lengths under a P-tuning v2 deep prompt: the shorter
+    # ones are left-padded, and the deep prompt's keys must not see the padding.
+    ("concat", (2, 5, 0), DeepPromptSpec("p_tuning_v2", 2))])
+def test_mixed_task_batch_equals_each_task_alone(mode, lengths, deep):
+    model = make_model(mode, 3, lengths, deep=deep)
     params = init(model, seed=1)
     rng = np.random.default_rng(0)
     b = batch(rng, [1, 0, 2, 2, 0, 1])
@@ -117,11 +123,12 @@ def test_mixed_task_batch_equals_each_task_alone(mode, lengths):
                                            losses.loss_weights(b))
     want = by_hand(params, mode)  # the combined prompts computed independently
     for row, task in enumerate(b["task_index"]):
-        alone_logits, alone_ll = alone_log_likelihood(params, want[NAMES[task]], b, row)
+        alone_logits, alone_ll = alone_log_likelihood(params, want[NAMES[task]], b, row, deep)
         np.testing.assert_allclose(logits[row], alone_logits, atol=1e-5, rtol=0)
         np.testing.assert_allclose(ll[row], alone_ll, atol=1e-5, rtol=1e-6)
     # Control: with another task's prompt the row differs, so the check can fail.
-    other, _ = alone_log_likelihood(params, want[NAMES[(b["task_index"][0] + 1) % 3]], b, 0)
+    other, _ = alone_log_likelihood(params, want[NAMES[(b["task_index"][0] + 1) % 3]], b, 0,
+                                    deep)
     assert np.abs(logits[0] - other).max() > 1e-3
 
 

@@ -71,10 +71,11 @@ def test_a_served_deep_prompt_gives_infers_outputs(files, tmp_path, deep):
         assert listed["deep"]["kind"] == "deep_prompt" and listed["deep"]["length"] == 0
         assert client.get("/v1/health").json()["model"]["deep_prompt"] == str(root /
                                                                               f"{deep}.npz")
-        # Concurrent requests with prompts of three lengths (0, 4, 7): each gets what infer
-        # gives it alone (under a deep prompt a batch holds one prompt length).
+        # Concurrent requests with prompts of three lengths (0, 4, 7), batched together
+        # (left-padded to one width): each gets what infer gives it alone.
         answers = post_all(str(client.base_url), [
             ("/v1/generate", {"prompt": name, "inputs": TEXTS}) for name in expected])
+        assert max(int(a.headers["x-batch-requests"]) for a in answers) >= 2
         for name, answer in zip(expected, answers, strict=True):
             outputs, records = answer.json()["outputs"], expected[name]
             assert [o["prediction"] for o in outputs] == [r["prediction"] for r in records]
@@ -114,11 +115,16 @@ def infer_one_input(files, tmp_path, **prompts):
                        **prompts)
 
 
-def test_infer_refuses_prompts_of_different_lengths_under_a_deep_prompt(files, tmp_path):
-    with pytest.raises(ValueError, match="v2.npz: under a deep prompt the prompts must be of "
-                                         "one length.*prompt_1=4, prompt_2=7"):
-        infer_one_input(files, tmp_path, prompt_files=[
-            str(files / "v2.npz"), str(files / "soft.npy"), str(files / "soft7.npy")])
+def test_infer_mixes_prompt_lengths_under_a_deep_prompt(files, tmp_path):
+    """An ensemble of prompts of lengths 4 and 7 beside a P-tuning v2 deep prompt (one
+    pass, the shorter left-padded) gives each prompt the output it has alone."""
+    v2, soft, soft7 = (str(files / n) for n in ("v2.npz", "soft.npy", "soft7.npy"))
+    both, = infer_one_input(files, tmp_path, prompt_files=[v2, soft, soft7])
+    assert sorted(both["predictions"]) == ["prompt_1", "prompt_2"]
+    for name, path in (("prompt_1", soft), ("prompt_2", soft7)):
+        alone, = infer_one_input(files, tmp_path, prompt_files=[v2, path])
+        assert both["predictions"][name] == alone["prediction"]
+        np.testing.assert_allclose(both["scores"][name], alone["score"], atol=1e-5)
 
 
 def test_two_deep_prompts_are_refused(files):

@@ -182,7 +182,7 @@ class RelativePositionBiases(nn.Module):
     @nn.compact
     def __call__(
         self, q_len: int, k_len: int, bidirectional: bool, query_offset: Array | None = None,
-        key_prefix: int = 0,
+        key_prefix: int = 0, query_shift: Array | None = None,
     ) -> Array:
         """Bias [1, H, Q, N+K]. With `query_offset` (decoding), Q=1 at that position.
 
@@ -190,6 +190,11 @@ class RelativePositionBiases(nn.Module):
         positions 0..N-1, the queries and keys shifted to N.. — what HF T5 computes for an
         attention cache already holding N positions (`compute_bias(past_seen_tokens=N)`),
         and so what PEFT's prefix tuning gets; bias[..., N:] is the bias without a prefix.
+
+        `query_shift` [B] (with N > 0): row b's positions count from its element
+        `query_shift[b]` (its first real one, past a left-padded prompt), so the prefix keys
+        see each row's queries where they would be without the padding; the bias is then
+        [B, H, Q, N+K] (the K part, relative between real positions, is the same for all).
         """
         table = self.param(
             "rel_embedding",
@@ -206,8 +211,24 @@ class RelativePositionBiases(nn.Module):
                 n + k_len, n + k_len, bidirectional, self.num_buckets, self.max_distance))
             buckets = jax.lax.dynamic_slice_in_dim(full, n + query_offset, 1, axis=0)
         # [H, buckets] gathered by [Q, K] -> [H, Q, K]
-        bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)
-        return bias[None].astype(self.dtype)
+        bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)[None]
+        if query_shift is not None and n > 0:
+            if query_offset is not None:
+                raise ValueError("query_shift is for whole sequences, not decoding steps")
+            # Prefix key j against row b's query q: j - (N + q - shift[b]), looked up in the
+            # buckets of every distance that can occur.
+            lo = -(n + q_len - 1)
+            distances = relative_position_bucket(np.arange(lo, q_len), bidirectional,
+                                                 self.num_buckets, self.max_distance)
+            rel = (jnp.arange(n)[None, None, :] - n - jnp.arange(q_len)[None, :, None]
+                   + query_shift.astype(jnp.int32)[:, None, None])
+            prefix = jnp.take(table.astype(jnp.float32), jnp.asarray(distances)[rel - lo],
+                              axis=1)  # [H, B, Q, N]
+            bias = jnp.concatenate(
+                [jnp.moveaxis(prefix, 0, 1),
+                 jnp.broadcast_to(bias[..., n:], (rel.shape[0],) + bias.shape[1:-1] + (k_len,))],
+                axis=-1)
+        return bias.astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):

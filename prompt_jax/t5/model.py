@@ -173,7 +173,11 @@ class Encoder(nn.Module):
 
         length = x.shape[1]
         kv_prefixes, n = _kv_prefixes(kv_prefixes)
-        bias = _relpos(cfg)(length, length, bidirectional=True, key_prefix=n)
+        # A left-padded prompt (prefix_mask) moves a row's positions; the deep prompt's keys
+        # must see them from the row's first real position, as without the padding.
+        shift = None if prefix_mask is None or n == 0 else jnp.argmax(mask, axis=1)
+        bias = _relpos(cfg)(length, length, bidirectional=True, key_prefix=n,
+                            query_shift=shift)
         pair_mask = attention_mask(mask, mask)
         layer = _remat(EncoderLayer, cfg, static=("deterministic",))
         for i in range(cfg.num_encoder_layers):
