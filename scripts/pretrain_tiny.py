@@ -118,6 +118,49 @@ def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str],
     return read_json(out)["metrics"]["loss"]
 
 
+def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
+                task: str = "span_corruption", examples: int = 256, chunk: int = 32
+                ) -> dict[str, float]:
+    """How much the decoder reads its encoder: `task`'s held-out loss per target token on the
+    first `examples` validation examples with each example's own inputs, and with the
+    inputs of the next example (targets unchanged). A decoder that ignores the encoder
+    scores the same on both; the gap (nats per token) is what the inputs tell it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import prompt_jax.tasks  # noqa: F401  (registers the tasks)
+    from prompt_jax.tasks import config as task_config
+
+    from prompt_jax import data, losses
+    from prompt_jax.checkpoints import load_checkpoint
+    from prompt_jax.t5.model import T5
+
+    os.environ.update({task_config.DATA_DIR_ENV: data_dir,
+                       task_config.TEXT_FILES_ENV: text, task_config.VOCAB_ENV: vocab_path})
+    ds = data.get_dataset(task, "validation", HELDOUT[task], shuffle=False, seed=0,
+                          num_epochs=1)
+    batch = next(ds.batch(examples).as_numpy_iterator())
+    config, params = load_checkpoint(checkpoint)
+    model = T5(config.replace(dropout_rate=0.0))
+    apply = jax.jit(lambda p, enc, dec, tgt: model.apply({"params": p}, enc, dec, tgt))
+    weights = np.asarray(batch["decoder_target_tokens"] > 0, np.float32)
+    out = {}
+    for name, inputs in (("own inputs", batch["encoder_input_tokens"]),
+                         ("another example's inputs",
+                          np.roll(batch["encoder_input_tokens"], 1, axis=0))):
+        total = 0.0
+        for i in range(0, len(inputs), chunk):
+            rows = slice(i, i + chunk)
+            logits = apply(params, jnp.asarray(inputs[rows]),
+                           jnp.asarray(batch["decoder_input_tokens"][rows]),
+                           jnp.asarray(batch["decoder_target_tokens"][rows]))
+            total -= float(losses.per_example_log_likelihood(
+                logits, jnp.asarray(batch["decoder_target_tokens"][rows]),
+                jnp.asarray(weights[rows])).sum())
+        out[name] = total / weights.sum()
+    return out
+
+
 def completions(checkpoint: str, vocab_path: str, max_tokens: int = 24) -> list[tuple[str, str]]:
     """Greedy continuations of COMPLETIONS by the model at `checkpoint`."""
     import jax.numpy as jnp
@@ -200,6 +243,8 @@ def main() -> None:
                                    data, args.size, task) for task in HELDOUT}
         for model, (checkpoint, short) in models.items()
     }
+    reads = {model: {task: encoder_use(checkpoint, data_dir, args.text, vocab, task)
+                     for task in HELDOUT} for model, (checkpoint, _) in models.items()}
     samples = completions(lm, vocab)
 
     # The committed copy: bfloat16 weights (half the bytes; the demo computes in float32).
@@ -209,8 +254,8 @@ def main() -> None:
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     save_hf(config.replace(param_dtype="bfloat16"), params_as(params, "bfloat16"), args.out)
-    write_report(args, losses, samples, data_dir, work, time.monotonic() - started)
-    print(json.dumps(losses, indent=1))
+    write_report(args, losses, reads, samples, data_dir, work, time.monotonic() - started)
+    print(json.dumps({"losses": losses, "encoder_use": reads}, indent=1, default=float))
 
 
 def params_as(params, dtype):
@@ -241,7 +286,8 @@ def stage_facts(model_dir: str) -> dict[str, float]:
             "examples_per_second": rates[len(rates) // 2] if rates else float("nan")}
 
 
-def write_report(args, losses: dict[str, dict[str, float]], samples: list[tuple[str, str]],
+def write_report(args, losses: dict[str, dict[str, float]],
+                 reads: dict[str, dict[str, dict[str, float]]], samples: list[tuple[str, str]],
                  data_dir: str, work: str, seconds: float) -> None:
     from prompt_jax.tasks.sources import GUTENBERG
 
@@ -262,6 +308,13 @@ def write_report(args, losses: dict[str, dict[str, float]], samples: list[tuple[
     tokens = {"span": args.span_steps * args.batch_size * 142,
               "lm": args.lm_steps * args.batch_size * 127}
     shown = "\n".join(f"| {text} | {out} |" for text, out in samples)
+
+    def use(by: dict[str, float]) -> str:
+        own, other = by["own inputs"], by["another example's inputs"]
+        return f"{own:.3f} / {other:.3f} / **{other - own:.3f}**"
+
+    read_rows = "\n".join(f"| {model} | {use(by['span_corruption'])} | "
+                          f"{use(by['lm_adaptation'])} |" for model, by in reads.items())
     text = f"""# In-house T5 `{args.size}`
 
 Built by `{command}` on {datetime.date.today().isoformat()} (this machine's CPU; no GPU):
@@ -280,6 +333,15 @@ examples; span corruption at inputs 128 / targets 32, LM adaptation at inputs 12
 | model | span corruption | LM adaptation |
 | --- | --- | --- |
 {rows}
+
+Does the decoder read its encoder? The same losses on the first 256 validation examples with
+each example's own inputs / with the next example's inputs (targets unchanged) / the gap, in
+nats per target token (`encoder_use` in the script). A decoder that ignores its encoder has a
+gap of 0; a prompt, which acts through the encoder, can only steer what the decoder reads.
+
+| model | span corruption | LM adaptation |
+| --- | --- | --- |
+{read_rows}
 
 Greedy continuations by the LM-adapted model (24 tokens at most):
 

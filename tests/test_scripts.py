@@ -337,7 +337,8 @@ def test_fig1_builds_each_inhouse_size(cpu):
     out, table, _ = run_script(cpu, "fig1_scale")  # default sizes: inhouse_mini, inhouse_tiny
     _, pretrain, _ = cpu
     assert "scripts/pretrain_tiny.py --size inhouse_mini" in out  # no other test builds it
-    assert (pretrain / "pretrain_inhouse_mini" / "model" / "REPORT.md").is_file()
+    report = (pretrain / "pretrain_inhouse_mini" / "model" / "REPORT.md").read_text()
+    assert "Does the decoder read its encoder?" in report and "| random (same shape) |" in report
     assert "inhouse_mini (1.1M)" in table and "Held-out span-corruption loss" in table
 
 
