@@ -154,6 +154,20 @@ def shift_right(targets: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------- the CLI, as a user runs it
 
+def post_all(url: str, bodies: list[tuple[str, dict]]) -> list:
+    """POST every (path, body) to a server at `url` at once, each from its own connection
+    (httpx responses, in the order given)."""
+    import asyncio
+
+    import httpx
+
+    async def go():
+        limits = httpx.Limits(max_connections=len(bodies))
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(client.post(p, json=b) for p, b in bodies))
+    return asyncio.run(go())
+
+
 def run(capsys, *args: str) -> tuple[int, str, str]:
     """`prompt_jax.cli.main(args)` in process -> (exit code, stdout, stderr)."""
     from prompt_jax import cli as cli_module

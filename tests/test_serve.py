@@ -9,14 +9,13 @@ one PEFT adapter); batching buckets chosen so that a handful of programs is comp
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import save_random_backbone
+from conftest import post_all, save_random_backbone
 
 httpx = pytest.importorskip("httpx")
 
@@ -63,15 +62,6 @@ def server(files):
     with httpx.Client(base_url=running.url, timeout=300) as client:
         yield client
     running.stop()
-
-
-def post_all(url: str, bodies: list[tuple[str, dict]]) -> list[httpx.Response]:
-    """POST every (path, body) at once, each from its own connection."""
-    async def go():
-        limits = httpx.Limits(max_connections=len(bodies))
-        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-            return await asyncio.gather(*(client.post(p, json=b) for p, b in bodies))
-    return asyncio.run(go())
 
 
 def assert_same(ours: dict, theirs: dict, keys=("inputs", "prediction", "votes")) -> None:

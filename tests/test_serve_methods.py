@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import save_random_backbone
+from conftest import post_all, save_random_backbone
 
 httpx = pytest.importorskip("httpx")
 
@@ -93,16 +93,6 @@ def test_a_served_deep_prompt_gives_infers_outputs(files, tmp_path, deep):
     finally:
         client.close()
         running.stop()
-
-
-def post_all(url: str, bodies: list[tuple[str, dict]]) -> list[httpx.Response]:
-    """POST every (path, body) at once, each from its own connection."""
-    import asyncio
-
-    async def go():
-        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-            return await asyncio.gather(*(client.post(p, json=b) for p, b in bodies))
-    return asyncio.run(go())
 
 
 def infer_one_input(files, tmp_path, **prompts):
