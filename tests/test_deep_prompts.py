@@ -57,16 +57,23 @@ def test_attention_prefix_equals_hand_computed():
     assert np.abs(np.asarray(att.apply(params, x, x, mask, bias[..., N:])) - ref).max() > 1e-3
 
 
-def test_prefix_bias_is_hf_bias_with_n_positions_cached():
-    """Queries at N.., prefix keys at 0..N-1 (HF's compute_bias(past_seen_tokens=N))."""
+def _hf_bias_module(seed: int, is_decoder: bool):
+    """(HF T5Attention with a relative-bias table [2 heads, 8 buckets], max distance 12;
+    that table as numpy [H, buckets])."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = transformers.T5Config(num_heads=2, relative_attention_num_buckets=8,
-                                relative_attention_max_distance=12, is_decoder=True)
+                                relative_attention_max_distance=12, is_decoder=is_decoder)
     hf = transformers.models.t5.modeling_t5.T5Attention(cfg, has_relative_attention_bias=True)
-    table = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
+    table = np.random.default_rng(seed).normal(size=(2, 8)).astype(np.float32)
     with torch.no_grad():
         hf.relative_attention_bias.weight.copy_(torch.tensor(table.T))
+    return hf, table
+
+
+def test_prefix_bias_is_hf_bias_with_n_positions_cached():
+    """Queries at N.., prefix keys at 0..N-1 (HF's compute_bias(past_seen_tokens=N))."""
+    hf, table = _hf_bias_module(0, is_decoder=True)
     for bidirectional in (False, True):
         hf.is_decoder = not bidirectional
         ref = hf.compute_bias(5, N + 5, past_seen_tokens=N).detach().numpy()
@@ -83,14 +90,7 @@ def test_prefix_bias_is_hf_bias_with_n_positions_cached():
 def test_prefix_bias_per_row_shift_is_the_unpadded_rows_bias():
     """With `query_shift` s_b, row b's queries at s_b.. see the prefix keys as an unpadded
     row's queries at 0.. do (HF's compute_bias(past_seen_tokens=N) on the shorter row)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.T5Config(num_heads=2, relative_attention_num_buckets=8,
-                                relative_attention_max_distance=12, is_decoder=False)
-    hf = transformers.models.t5.modeling_t5.T5Attention(cfg, has_relative_attention_bias=True)
-    table = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
-    with torch.no_grad():
-        hf.relative_attention_bias.weight.copy_(torch.tensor(table.T))
+    hf, table = _hf_bias_module(1, is_decoder=False)
     rel = RelativePositionBiases(8, 12, 2)
     length, shifts = 9, [0, 3, 5]
     ours = np.asarray(rel.apply({"params": {"rel_embedding": table}}, length, length, True,
