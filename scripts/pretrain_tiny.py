@@ -42,6 +42,8 @@ BUDGET_SPENT = 3  # exit status: stopped by --time_budget_minutes; run again to 
 HELDOUT = {"span_corruption": {"inputs": 128, "targets": 32},
            "lm_adaptation": {"inputs": 128, "targets": 64}}
 HELDOUT_EXAMPLES = 512
+# The encoder probe: a binary task of the demo's, its lengths, and how many training examples.
+PROBE_TASK, PROBE_LENGTHS, PROBE_EXAMPLES = "glue_sst2", {"inputs": 64, "targets": 4}, 8000
 # Beginnings the report completes greedily (LM adaptation's task: continue the text).
 COMPLETIONS = ("It was a dark and stormy night, and", "The king said to his daughter,",
                "She opened the door and saw", "In the morning we went down to the",
@@ -161,6 +163,61 @@ def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
     return out
 
 
+def task_probe(checkpoint: str, data_dir: str, vocab_path: str, task: str = PROBE_TASK,
+               train_examples: int = PROBE_EXAMPLES, iterations: int = 2000,
+               l2: float = 1e-3) -> dict[str, float]:
+    """What the frozen encoder already holds about `task`: a logistic regression on its
+    outputs averaged over each input's real positions (standardised; full-batch gradient
+    descent, L2 `l2`), fitted on the first `train_examples` training examples and scored on
+    the validation split, with the validation majority rate beside it. A reference point for
+    what a prompt can reach through this encoder, not a bound (a prompt also changes what the
+    encoder computes)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import prompt_jax.tasks  # noqa: F401  (registers the tasks)
+    from prompt_jax.tasks import config as task_config
+
+    from prompt_jax import data
+    from prompt_jax.checkpoints import load_checkpoint
+    from prompt_jax.t5.model import T5
+
+    os.environ.update({task_config.DATA_DIR_ENV: data_dir, task_config.VOCAB_ENV: vocab_path})
+    config, params = load_checkpoint(checkpoint)
+    model = T5(config.replace(dropout_rate=0.0))
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)[0])
+
+    def split(name: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+        ds = data.get_dataset(task, name, PROBE_LENGTHS, shuffle=False, seed=0, num_epochs=1)
+        if limit:
+            ds = ds.take(limit)
+        features, labels = [], []
+        for batch in ds.batch(256).as_numpy_iterator():
+            tokens = batch["encoder_input_tokens"]
+            real = (tokens > 0)[..., None]
+            encoded = np.asarray(encode(params, jnp.asarray(tokens)), np.float64)
+            features.append((encoded * real).sum(1) / real.sum(1))
+            labels.append(batch["decoder_target_tokens"][:, 0])  # the label's first token
+        return np.concatenate(features), np.concatenate(labels)
+
+    x_train, y_train = split("train", train_examples)
+    x_val, y_val = split("validation", None)
+    classes = np.unique(y_train)
+    if len(classes) != 2:
+        raise SystemExit(f"task_probe: {task} has {len(classes)} label first tokens, not 2")
+    y_train, y_val = (y_train == classes[1]).astype(np.float64), (y_val == classes[1])
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-8
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    w, b = np.zeros(x_train.shape[1]), 0.0
+    for _ in range(iterations):
+        residual = 1 / (1 + np.exp(-(x_train @ w + b))) - y_train
+        w -= 0.5 * (x_train.T @ residual / len(residual) + l2 * w)
+        b -= 0.5 * residual.mean()
+    return {"train": float(((x_train @ w + b > 0) == y_train).mean()),
+            "validation": float(((x_val @ w + b > 0) == y_val).mean()),
+            "majority": float(max(y_val.mean(), 1 - y_val.mean()))}
+
+
 def completions(checkpoint: str, vocab_path: str, max_tokens: int = 24) -> list[tuple[str, str]]:
     """Greedy continuations of COMPLETIONS by the model at `checkpoint`."""
     import jax.numpy as jnp
@@ -245,6 +302,10 @@ def main() -> None:
     }
     reads = {model: {task: encoder_use(checkpoint, data_dir, args.text, vocab, task)
                      for task in HELDOUT} for model, (checkpoint, _) in models.items()}
+    has_probe_data = all(os.path.isfile(os.path.join(data_dir, "glue", "SST-2", f))
+                         for f in ("train.tsv", "dev.tsv"))
+    probes = {model: task_probe(checkpoint, data_dir, vocab)
+              for model, (checkpoint, _) in models.items()} if has_probe_data else {}
     samples = completions(lm, vocab)
 
     # The committed copy: bfloat16 weights (half the bytes; the demo computes in float32).
@@ -254,8 +315,10 @@ def main() -> None:
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     save_hf(config.replace(param_dtype="bfloat16"), params_as(params, "bfloat16"), args.out)
-    write_report(args, losses, reads, samples, data_dir, work, time.monotonic() - started)
-    print(json.dumps({"losses": losses, "encoder_use": reads}, indent=1, default=float))
+    write_report(args, losses, reads, probes, samples, data_dir, work,
+                 time.monotonic() - started)
+    print(json.dumps({"losses": losses, "encoder_use": reads, "probe": probes}, indent=1,
+                     default=float))
 
 
 def params_as(params, dtype):
@@ -287,7 +350,8 @@ def stage_facts(model_dir: str) -> dict[str, float]:
 
 
 def write_report(args, losses: dict[str, dict[str, float]],
-                 reads: dict[str, dict[str, dict[str, float]]], samples: list[tuple[str, str]],
+                 reads: dict[str, dict[str, dict[str, float]]],
+                 probes: dict[str, dict[str, float]], samples: list[tuple[str, str]],
                  data_dir: str, work: str, seconds: float) -> None:
     from prompt_jax.tasks.sources import GUTENBERG
 
@@ -315,6 +379,20 @@ def write_report(args, losses: dict[str, dict[str, float]],
 
     read_rows = "\n".join(f"| {model} | {use(by['span_corruption'])} | "
                           f"{use(by['lm_adaptation'])} |" for model, by in reads.items())
+    probe_rows = "\n".join(f"| {model} | {100 * by['train']:.1f} | {100 * by['validation']:.1f} |"
+                           for model, by in probes.items())
+    majority = next(iter(probes.values()))["majority"] if probes else 0.0
+    probe_text = f"""What the encoder holds about a task: a logistic regression on the frozen
+encoder's outputs averaged over each input's real positions, fitted on the first
+{PROBE_EXAMPLES:,} `{PROBE_TASK}` training examples, accuracy (%) on its validation split
+(majority rate {100 * majority:.1f}; `task_probe` in the script). A reference point for what
+a prompt can reach through this encoder.
+
+| model | train | validation |
+| --- | --- | --- |
+{probe_rows}
+
+""" if probes else ""
     text = f"""# In-house T5 `{args.size}`
 
 Built by `{command}` on {datetime.date.today().isoformat()} (this machine's CPU; no GPU):
@@ -343,7 +421,7 @@ gap of 0; a prompt, which acts through the encoder, can only steer what the deco
 | --- | --- | --- |
 {read_rows}
 
-Greedy continuations by the LM-adapted model (24 tokens at most):
+{probe_text}Greedy continuations by the LM-adapted model (24 tokens at most):
 
 | input | continuation |
 | --- | --- |
