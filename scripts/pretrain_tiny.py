@@ -328,6 +328,17 @@ def params_as(params, dtype):
     return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
 
 
+def devices() -> str:
+    """What JAX computes on here (the train jobs run on the same machine): e.g. '2 CPU
+    cores (cpu)' or '1× NVIDIA H200 (gpu)'."""
+    import jax
+
+    found = jax.devices()
+    if found[0].platform == "cpu":
+        return f"{os.cpu_count()} CPU cores (cpu, no accelerator)"
+    return f"{len(found)}× {found[0].device_kind} ({found[0].platform})"
+
+
 def describe(size: str) -> str:
     from prompt_jax.t5.config import get_config
 
@@ -395,7 +406,7 @@ a prompt can reach through this encoder.
 """ if probes else ""
     text = f"""# In-house T5 `{args.size}`
 
-Built by `{command}` on {datetime.date.today().isoformat()} (this machine's CPU; no GPU):
+Built by `{command}` on {datetime.date.today().isoformat()} ({devices()}):
 span corruption for {args.span_steps} steps, then LM adaptation (prefix LM) for
 {args.lm_steps} steps, batch {args.batch_size}, from random weights, on {source}.
 Shapes: `prompt_jax.t5.config.SIZES['{args.size}']` ({describe(args.size)}); weights stored
