@@ -47,10 +47,11 @@ def test_loss_and_rank_accuracy_by_hand(model_and_params, monkeypatch):
     # The loss: every example's teacher-forced log-likelihood, summed by hand, per token.
     total, count = 0.0, 0
     rows = []
+    apply = jax.jit(model.apply)  # the model's logits: one compile per shape, not op by op
     for _, features, n in batches(evaluator.loss_datasets["super_glue_rte"], 4):
-        logits = np.asarray(model.apply({"params": params}, features["encoder_input_tokens"],
-                                        features["decoder_input_tokens"],
-                                        features["decoder_target_tokens"]), np.float64)
+        logits = np.asarray(apply({"params": params}, features["encoder_input_tokens"],
+                                  features["decoder_input_tokens"],
+                                  features["decoder_target_tokens"]), np.float64)
         log_probs = _log_softmax(logits)
         for i in range(n):
             targets = features["decoder_target_tokens"][i]
@@ -69,7 +70,7 @@ def test_loss_and_rank_accuracy_by_hand(model_and_params, monkeypatch):
         scores = []
         for cand in found.tokens:
             dec = np.concatenate([[0], cand[:-1]])[None]
-            logits = np.asarray(model.apply({"params": params}, enc[None], dec, cand[None]),
+            logits = np.asarray(apply({"params": params}, enc[None], dec, cand[None]),
                                 np.float64)
             lp = _log_softmax(logits)[0]
             scores.append(sum(lp[t, cand[t]] for t in range(len(cand)) if cand[t] > 0))
