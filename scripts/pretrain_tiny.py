@@ -330,7 +330,7 @@ def params_as(params, dtype):
 
 def devices() -> str:
     """What JAX computes on here (the train jobs run on the same machine): e.g. '2 CPU
-    cores (cpu)' or '1× NVIDIA H200 (gpu)'."""
+    cores (cpu, no accelerator)' or '1× NVIDIA H200 (gpu)'."""
     import jax
 
     found = jax.devices()
