@@ -116,12 +116,13 @@ def test_p_tuning_v2_rows_with_left_padded_prompts_equal_each_alone():
     mask = np.zeros((2, width), bool)
     for i, p in enumerate(prompts):
         prefix[i, width - len(p):], mask[i, width - len(p):] = p, True
-    batched = model.apply({"params": params}, b["encoder_input_tokens"],
-                          b["decoder_input_tokens"], prefix_embeddings=jnp.asarray(prefix),
-                          prefix_mask=jnp.asarray(mask))
+    apply = jax.jit(model.apply)  # one compile per shape, not one dispatch per op
+    batched = apply({"params": params}, b["encoder_input_tokens"],
+                    b["decoder_input_tokens"], prefix_embeddings=jnp.asarray(prefix),
+                    prefix_mask=jnp.asarray(mask))
     for i, p in enumerate(prompts):
-        alone = model.apply({"params": params}, b["encoder_input_tokens"][i:i + 1],
-                            b["decoder_input_tokens"][i:i + 1], prefix_embeddings=jnp.asarray(p))
+        alone = apply({"params": params}, b["encoder_input_tokens"][i:i + 1],
+                      b["decoder_input_tokens"][i:i + 1], prefix_embeddings=jnp.asarray(p))
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(alone[0]), atol=1e-5)
 
 
@@ -326,8 +327,8 @@ def _v2_model(spec):
 
     model = T5(V2_CONFIG, deep_prompt_spec=spec)
     b = _v2_batch(np.random.default_rng(0))
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), b["encoder_input_tokens"],
-                                 b["decoder_input_tokens"])["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), b["encoder_input_tokens"],
+                                          b["decoder_input_tokens"])["params"])
     assert set(params[dp.DEEP_PROMPT_PATH]) == set(dp.init_params(spec, V2_CONFIG,
                                                                   jax.random.PRNGKey(1)))
     return model, params
@@ -429,31 +430,37 @@ def test_deep_prompt_file_refusals(tmp_path, case):
 # ------------------------------------------------------------------ the jobs, as a user runs them
 
 
-def test_prefix_tuning_demo_run_eval_export_and_peft_prompt_file(tmp_path):
+def test_prefix_tuning_demo_run_eval_export_and_peft_prompt_file(tmp_path, capsys):
     """`prompt-jax train` with methods/prefix_tuning.gin on the demo; `prompt-jax eval` of the
     run reproduces the train job's best eval loss from best_deep_prompt.npz alone;
     `prompt-jax export-peft` writes it as a PEFT adapter that PROMPT_FILE reads back and PEFT
-    serves with our logits."""
-    from conftest import DEMO, cli, train_args
+    serves with our logits. (The commands run in process: `cli.main`, as the console script
+    calls it; the jobs' own process behaviour is tested in test_train_job / test_bad_inputs.)"""
+    from conftest import DEMO, run, train_args
 
-    run = tmp_path / "run"
-    command, *args = train_args(run, 2, 2, [*DEMO, "--gin.DeepPromptSpec.length=4"])
-    cli(command, "--gin_file=demo.gin", "--gin_file=methods/prefix_tuning.gin", *args)
-    assert (run / "deep_prompts" / "2.npz").is_file() and not (run / "best_prompt.npy").exists()
-    best = json.loads((run / "best.json").read_text())["metrics"]["loss"]
+    run_dir = tmp_path / "run"
+    command, *args = train_args(run_dir, 2, 2, [*DEMO, "--gin.DeepPromptSpec.length=4"])
+    rc, _, err = run(capsys, command, "--gin_file=demo.gin",
+                     "--gin_file=methods/prefix_tuning.gin", *args)
+    assert rc == 0, err
+    assert (run_dir / "deep_prompts" / "2.npz").is_file()
+    assert not (run_dir / "best_prompt.npy").exists()
+    best = json.loads((run_dir / "best.json").read_text())["metrics"]["loss"]
     config, params = prompt_jax.load_checkpoint(_demo_t5())
-    spec, matrix = deep_prompts.load_deep_prompt(str(run / "best_deep_prompt.npz"), config)
+    spec, matrix = deep_prompts.load_deep_prompt(str(run_dir / "best_deep_prompt.npz"), config)
     assert spec.method == "prefix_tuning" and matrix.shape[0] == 4
 
-    cli("eval", "--gin_file=demo_eval.gin", f"--gin.MODEL_DIR='{run}'",
-        "--gin.evaluate.eval_examples=24")
-    result = json.loads((run / "eval_validation.json").read_text())
-    assert result["prompt_file"] == str(run / "best_deep_prompt.npz")
+    rc, _, err = run(capsys, "eval", "--gin_file=demo_eval.gin", f"--gin.MODEL_DIR='{run_dir}'",
+                     "--gin.evaluate.eval_examples=24")
+    assert rc == 0, err
+    result = json.loads((run_dir / "eval_validation.json").read_text())
+    assert result["prompt_file"] == str(run_dir / "best_deep_prompt.npz")
     assert result["metrics"]["loss"] == pytest.approx(best, rel=1e-6)
 
     adapter = tmp_path / "adapter"
-    cli("export-peft", str(run / "best_deep_prompt.npz"), str(adapter), "--base_model",
-        _demo_t5())
+    rc, _, err = run(capsys, "export-peft", str(run_dir / "best_deep_prompt.npz"), str(adapter),
+                     "--base_model", _demo_t5())
+    assert rc == 0, err
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == \
         "PREFIX_TUNING"
     from prompt_jax import build
