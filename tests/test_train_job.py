@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import DEMO, cli
+from conftest import DEMO, cli, run
 from conftest import train_args as conftest_train_args
 
 # Small and fast: the demo config on a random 2+2-layer T5, short inputs, dropout off.
@@ -28,6 +28,14 @@ def read_metrics(model_dir) -> list[dict]:
 
 def train_args(model_dir, steps=8, period=4, settings=FAST):
     return conftest_train_args(model_dir, steps, period, settings)
+
+
+def job(capsys, *args: str) -> str:
+    """`prompt-jax ARGS` in process (`cli.main`, what the console script calls; the tests
+    about the process itself, e.g. a kill and resume, start one) -> its stdout."""
+    rc, out, err = run(capsys, *args)
+    assert rc == 0, f"prompt-jax {' '.join(args)} failed ({rc}):\n{out}\n{err}"
+    return out
 
 
 def test_demo_writes_what_the_readme_promises(demo_run):
@@ -59,7 +67,7 @@ def test_demo_writes_what_the_readme_promises(demo_run):
                                   np.load(model_dir / "prompts" / f"{best['step']}.npy"))
 
 
-def test_eval_reproduces_each_steps_validation_metrics(demo_run):
+def test_eval_reproduces_each_steps_validation_metrics(demo_run, capsys):
     """`prompt-jax eval` on the prompt of step 4 and of step 8 gives that step's eval line:
     two different losses, each equal to the train job's."""
     model_dir, _ = demo_run
@@ -67,13 +75,13 @@ def test_eval_reproduces_each_steps_validation_metrics(demo_run):
     assert evals[4]["loss"] != evals[8]["loss"]
     for step in (4, 8):
         prompt = model_dir / "prompts" / f"{step}.npy"
-        proc = cli("eval", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
-                   *DEMO)
+        out = job(capsys, "eval", f"--gin.MODEL_DIR='{model_dir}'",
+                  f"--gin.PROMPT_FILE='{prompt}'", *DEMO)
         metrics = json.loads((model_dir / "eval_validation.json").read_text())["metrics"]
         np.testing.assert_allclose(metrics["loss"], evals[step]["loss"], rtol=1e-6)
         assert metrics["rank_accuracy"] == evals[step]["rank_accuracy"]
         assert metrics["accuracy"] == evals[step]["accuracy"]
-        assert "accuracy=" in proc.stdout
+        assert "accuracy=" in out
 
 
 def test_eval_on_eight_devices_equals_one_device(demo_run):
@@ -127,11 +135,11 @@ def _reference_decode(served, texts, beams=1):
 
 @pytest.mark.parametrize("kind", ["jsonl", "tsv"])
 def test_infer_input_file_equals_the_task_split_and_a_reference_decode(demo_run, tmp_path,
-                                                                       kind):
+                                                                       kind, capsys):
     model_dir, _ = demo_run
     prompt = model_dir / "prompts" / "8.npy"
     split = tmp_path / "split.jsonl"
-    cli("infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
+    job(capsys, "infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
         f"--gin.OUTPUT_FILE='{split}'", "--gin.infer.max_examples=6", *DEMO)
     from_split = [json.loads(line) for line in split.read_text().splitlines()]
     assert len(from_split) == 6 and all({"inputs", "prediction", "score", "targets"} <= set(r)
@@ -142,7 +150,7 @@ def test_infer_input_file_equals_the_task_split_and_a_reference_decode(demo_run,
     else:
         inputs.write_text("".join(r["inputs"].replace("\t", " ") + "\n" for r in from_split))
     out = tmp_path / "out.jsonl"
-    cli("infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
+    job(capsys, "infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{prompt}'",
         f"--gin.INPUT_FILE='{inputs}'", f"--gin.OUTPUT_FILE='{out}'", *DEMO)
     from_file = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prediction"] for r in from_file] == [r["prediction"] for r in from_split]
@@ -153,7 +161,7 @@ def test_infer_input_file_equals_the_task_split_and_a_reference_decode(demo_run,
     np.testing.assert_allclose([r["score"] for r in from_file], scores, rtol=1e-4, atol=1e-4)
 
 
-def test_infer_prompts_by_task_and_beam_search(demo_run, tmp_path):
+def test_infer_prompts_by_task_and_beam_search(demo_run, tmp_path, capsys):
     """A mixed batch (rows of two 'tasks', each its own prompt) gives each row what its prompt
     gives alone; beam search in the job equals `decoding.beam_search`."""
     model_dir, _ = demo_run
@@ -165,7 +173,7 @@ def test_infer_prompts_by_task_and_beam_search(demo_run, tmp_path):
     inputs.write_text("".join(json.dumps({"inputs": t, "task": task}) + "\n"
                               for t in texts for task in ("four", "eight")))
     out = tmp_path / "mixed_out.jsonl"
-    cli("infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.INPUT_FILE='{inputs}'",
+    job(capsys, "infer", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.INPUT_FILE='{inputs}'",
         f"--gin.OUTPUT_FILE='{out}'", f"--gin.infer.prompt_files_by_task={{'four': '{p4}', "
         f"'eight': '{p8}'}}", *DEMO)
     mixed = [json.loads(line) for line in out.read_text().splitlines()]
@@ -178,7 +186,7 @@ def test_infer_prompts_by_task_and_beam_search(demo_run, tmp_path):
     beam = tmp_path / "beam.jsonl"
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({"inputs": t}) + "\n" for t in texts))
-    cli("infer", "--gin_file=demo_infer.gin", "--gin_file=decoding/beam.gin",
+    job(capsys, "infer", "--gin_file=demo_infer.gin", "--gin_file=decoding/beam.gin",
         f"--gin.MODEL_DIR='{model_dir}'", f"--gin.PROMPT_FILE='{p8}'",
         f"--gin.INPUT_FILE='{plain}'", f"--gin.OUTPUT_FILE='{beam}'", *DEMO)
     rows = [json.loads(line) for line in beam.read_text().splitlines()]
@@ -191,7 +199,10 @@ def test_resume_after_kill_ends_with_the_uninterrupted_prompt(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = lambda d: [sys.executable, "-m", "prompt_jax.cli",
                       *train_args(d, steps=12, period=4)]
-    subprocess.run(args(straight), check=True, capture_output=True, timeout=300)
+    # The uninterrupted run goes on beside the one to be killed (two processes, no state
+    # shared but the compilation cache); it is waited for before the resume.
+    whole = subprocess.Popen(args(straight), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
 
     # Kill the second run (SIGKILL: no chance to save) once its first checkpoint is
     # complete (checksums are written last; a step killed before them is rightly refused
@@ -206,6 +217,8 @@ def test_resume_after_kill_ends_with_the_uninterrupted_prompt(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (resumed / "prompts" / "12.npy").exists()
+    log, _ = whole.communicate(timeout=300)
+    assert whole.returncode == 0, log
 
     done = cli(*train_args(resumed, steps=12, period=4))
     assert "resuming" in done.stdout
