@@ -177,6 +177,16 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def run_job(*args: str) -> None:
+    """`prompt_jax.cli.main(args)` in process, for module fixtures (which have no capsys):
+    a nonzero exit fails; the job's output is in the test's captured output."""
+    from prompt_jax import cli as cli_module
+
+    rc = cli_module.main(list(args))
+    if rc != 0:
+        raise AssertionError(f"prompt-jax {' '.join(args)} failed ({rc}); see its stderr")
+
+
 def assert_one_line_error(rc: int, err: str, *patterns: str) -> None:
     assert rc != 0, err
     assert "Traceback" not in err, err

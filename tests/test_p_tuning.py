@@ -11,7 +11,7 @@ import flax
 import jax
 import numpy as np
 import pytest
-from conftest import cli, tiny_config
+from conftest import run, run_job, tiny_config
 
 from prompt_jax import optim, train_step
 from prompt_jax.methods import p_tuning
@@ -132,9 +132,9 @@ FAST = ["--gin.INITIAL_CHECKPOINT=None", "--gin.ModelSpec.size='tiny'",
 @pytest.fixture(scope="module")
 def p_tuning_run(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("p_tuning") / "run"
-    cli("train", "--gin_file=demo.gin", "--gin_file=methods/p_tuning.gin",
-        f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=2",
-        "--gin.train.log_period=1", *FAST)
+    run_job("train", "--gin_file=demo.gin", "--gin_file=methods/p_tuning.gin",
+            f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=2",
+            "--gin.train.log_period=1", *FAST)
     return model_dir
 
 
@@ -190,16 +190,20 @@ def test_saved_prompt_reproduces_the_runs_logits(p_tuning_run):
     assert np.abs(np.asarray(other) - np.asarray(run_logits)).max() > 1e-4  # the control
 
 
-def test_eval_and_infer_read_the_runs_config(p_tuning_run):
+def test_eval_and_infer_read_the_runs_config(p_tuning_run, capsys):
     """`prompt-jax eval|infer --gin.MODEL_DIR=X`, no gin files: the run's own config.gin
     (random tiny T5 in X/base_model, its lengths and task) gives the run's last eval."""
     last = [r for r in read_metrics(str(p_tuning_run)) if r.get("split")][-1]
-    proc = cli("eval", f"--gin.MODEL_DIR='{p_tuning_run}'", "--gin.evaluate.eval_examples=8",
-               f"--gin.PROMPT_FILE='{p_tuning_run / 'prompts' / '4.npy'}'")
-    assert "rank_accuracy=" in proc.stdout
+    rc, out, err = run(capsys, "eval", f"--gin.MODEL_DIR='{p_tuning_run}'",
+                       "--gin.evaluate.eval_examples=8",
+                       f"--gin.PROMPT_FILE='{p_tuning_run / 'prompts' / '4.npy'}'")
+    assert rc == 0, err
+    assert "rank_accuracy=" in out
     metrics = json.loads((p_tuning_run / "eval_validation.json").read_text())["metrics"]
     np.testing.assert_allclose(metrics["loss"], last["loss"], rtol=1e-5)
     assert metrics["rank_accuracy"] == last["rank_accuracy"]
-    proc = cli("infer", f"--gin.MODEL_DIR='{p_tuning_run}'", "--gin.infer.max_examples=4")
+    rc, _, err = run(capsys, "infer", f"--gin.MODEL_DIR='{p_tuning_run}'",
+                     "--gin.infer.max_examples=4")
+    assert rc == 0, err
     lines = (p_tuning_run / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all("prediction" in json.loads(line) for line in lines)

@@ -19,8 +19,8 @@ from conftest import (
     assert_one_line_error,
     build_data_dir,
     build_hf_model,
-    cli,
     run,
+    run_job,
     tiny_config,
 )
 
@@ -382,10 +382,10 @@ def template_run(tmp_path_factory):
     (root / "data").mkdir()
     data = build_data_dir(root / "data")
     model_dir = root / "run"
-    cli("train", "--gin_file=demo.gin", "--gin_file=methods/p_tuning.gin",
-        f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=2",
-        "--gin.train.log_period=1", f"--gin.prompt_jax.tasks.data_paths.data_dir='{data}'",
-        *FAST)
+    run_job("train", "--gin_file=demo.gin", "--gin_file=methods/p_tuning.gin",
+            f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=2",
+            "--gin.train.log_period=1", f"--gin.prompt_jax.tasks.data_paths.data_dir='{data}'",
+            *FAST)
     return model_dir
 
 
@@ -421,15 +421,17 @@ def test_run_saves_the_encoded_prompt_and_it_reproduces_the_runs_logits(template
     assert np.abs(np.asarray(other) - np.asarray(run_logits)).max() > 1e-4  # the control
 
 
-def test_eval_and_infer_read_the_template_from_the_runs_config(template_run):
+def test_eval_and_infer_read_the_template_from_the_runs_config(template_run, capsys):
     last = [r for r in read_metrics(str(template_run)) if r.get("split")][-1]
     prompt = template_run / "prompts" / "4.npy"
-    cli("eval", f"--gin.MODEL_DIR='{template_run}'", "--gin.evaluate.eval_examples=8",
-        f"--gin.PROMPT_FILE='{prompt}'")
+    rc, _, err = run(capsys, "eval", f"--gin.MODEL_DIR='{template_run}'",
+                     "--gin.evaluate.eval_examples=8", f"--gin.PROMPT_FILE='{prompt}'")
+    assert rc == 0, err
     metrics = json.loads((template_run / "eval_validation.json").read_text())["metrics"]
     np.testing.assert_allclose(metrics["loss"], last["loss"], rtol=1e-5)
-    cli("infer", f"--gin.MODEL_DIR='{template_run}'", "--gin.infer.max_examples=4",
-        f"--gin.PROMPT_FILE='{prompt}'")
+    rc, _, err = run(capsys, "infer", f"--gin.MODEL_DIR='{template_run}'",
+                     "--gin.infer.max_examples=4", f"--gin.PROMPT_FILE='{prompt}'")
+    assert rc == 0, err
     lines = [json.loads(x) for x in
              (template_run / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and lines[0]["inputs"].startswith(f"{S}{S} ")
