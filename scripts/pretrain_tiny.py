@@ -99,6 +99,12 @@ def stage(name: str, gin_file: str, model_dir: str, steps: int, batch: int, extr
                f"--gin.BATCH_SIZE={batch}", f"--gin.EVAL_PERIOD={max(steps // 4, 1)}",
                f"--gin.train.checkpoint_period={min(checkpoint_period, steps)}",
                "--gin.train.eval_examples=256", *extra, *data)
+    if not os.path.isfile(os.path.join(export, "model.safetensors")):
+        # The train job exits 0 when a signal stops it (after saving the step it reached);
+        # only a finished stage exports. The next stage must not start from this one.
+        print(f"{name}: stopped before step {steps} ({export} not written); run the same "
+              "command again to continue", flush=True)
+        raise SystemExit(BUDGET_SPENT)
     return export
 
 

@@ -77,3 +77,21 @@ def test_encoder_use_gap_is_zero_exactly_when_the_decoder_cannot_see_the_encoder
     gaps = {name: by["another example's inputs"] - by["own inputs"] for name, by in reads.items()}
     assert abs(gaps["blind"]) < 1e-6, reads
     assert abs(gaps["t5"]) > 1e-3, reads
+
+
+def test_a_stage_stopped_before_its_last_step_stops_the_recipe(tmp_path, monkeypatch):
+    """The train job exits 0 when SIGTERM stops it; `stage` then finds no export and exits
+    with BUDGET_SPENT (run again to go on) instead of handing the next stage a model that
+    does not exist. A finished stage (its export written) is reused without training."""
+    calls = []
+    monkeypatch.setattr(pretrain_tiny, "prompt_jax", lambda *args: calls.append(args))
+    model_dir = tmp_path / "span_corruption"
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_tiny.stage("span corruption", "runs/pretrain_span_corruption.gin",
+                            str(model_dir), 10, 2, [], [])
+    assert stopped.value.code == pretrain_tiny.BUDGET_SPENT and len(calls) == 1
+    (model_dir / "hf_export").mkdir(parents=True)
+    (model_dir / "hf_export" / "model.safetensors").write_bytes(b"")
+    assert pretrain_tiny.stage("span corruption", "runs/pretrain_span_corruption.gin",
+                               str(model_dir), 10, 2, [], []) == str(model_dir / "hf_export")
+    assert len(calls) == 1
