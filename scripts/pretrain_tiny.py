@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -126,6 +127,21 @@ def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str],
     return read_json(out)["metrics"]["loss"]
 
 
+def keeps_environment(fn):
+    """`fn` may point the task readers at data through the PROMPT_JAX_* variables; the
+    caller's environment is restored when it returns."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        saved = dict(os.environ)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return wrapped
+
+
+@keeps_environment
 def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
                 task: str = "span_corruption", examples: int = 256, chunk: int = 32
                 ) -> dict[str, float]:
@@ -169,6 +185,7 @@ def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
     return out
 
 
+@keeps_environment
 def task_probe(checkpoint: str, data_dir: str, vocab_path: str, task: str = PROBE_TASK,
                train_examples: int = PROBE_EXAMPLES, iterations: int = 2000,
                l2: float = 1e-3) -> dict[str, float]:

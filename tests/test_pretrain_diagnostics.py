@@ -4,6 +4,7 @@ reads its encoder), on random tiny models and hand-made data."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -71,12 +72,14 @@ def test_encoder_use_gap_is_zero_exactly_when_the_decoder_cannot_see_the_encoder
         return np.zeros_like(leaf) if "encoder_decoder_attention']['out" in keys else leaf
 
     save_hf(config, jax.tree.map_with_path(blind, params), str(tmp_path / "blind"))
+    environment = dict(os.environ)
     reads = {name: pretrain_tiny.encoder_use(str(tmp_path / name), str(DEMO_DATA), TRAINING_TEXTS,
                                              VOCAB, examples=16, chunk=8)
              for name in ("t5", "blind")}
     gaps = {name: by["another example's inputs"] - by["own inputs"] for name, by in reads.items()}
     assert abs(gaps["blind"]) < 1e-6, reads
     assert abs(gaps["t5"]) > 1e-3, reads
+    assert dict(os.environ) == environment  # the data it pointed the readers at is not left
 
 
 def test_a_stage_stopped_before_its_last_step_stops_the_recipe(tmp_path, monkeypatch):
