@@ -38,7 +38,7 @@ from prompt_jax.model_dir import HF_EXPORT, eval_results, read_json
 # The recipe's defaults (also read by the reproduction scripts, e.g. Figure 3d).
 SPAN_STEPS, LM_STEPS, BATCH_SIZE = 800, 200, 16
 CHECKPOINT_PERIOD = 200
-BUDGET_SPENT = 3  # exit status: stopped by --time_budget_minutes; run again to go on
+BUDGET_SPENT = 3  # exit status: a stage stopped early (time budget, signal); run again to go on
 # Held-out evaluation: lengths per objective, and how many held-out examples.
 HELDOUT = {"span_corruption": {"inputs": 128, "targets": 32},
            "lm_adaptation": {"inputs": 128, "targets": 64}}
