@@ -16,6 +16,7 @@ Tasks (seqio names):
                                 reference's `taskless_*` tasks; all else as the base task
   super_glue, super_glue_sentinel   mixtures of the eight tasks, T5's rates
   span_corruption, lm_adaptation    T5's span corruption, and the prefix LM
+  bert_style                    T5's BERT-style denoising (targets: the whole text)
 
 Every task has features `inputs` and `targets` (the vocabulary of `get_vocabulary()`,
 EOS appended), a postprocessor as T5's and `metric_fns(targets, predictions)` on
@@ -29,8 +30,8 @@ Data (gin binding of `data_paths` first, then the environment variable):
     instead of TFDS (`super_glue/*:1.0.2`, `glue/*:2.0.0`). Files are read and
     checked when a dataset is built: a missing file or malformed line raises,
     naming the file and line.
-  PROMPT_JAX_TEXT_FILES / data_paths.text_files: the text of span_corruption and
-    lm_adaptation; globs (comma-separated, one document per line), or
+  PROMPT_JAX_TEXT_FILES / data_paths.text_files: the text of span_corruption,
+    lm_adaptation and bert_style; globs (comma-separated, one document per line), or
     `superglue_glue_train` for the text fields of the training files under the data
     directory. Unset: TFDS `c4/en`. About 1 in 20 local documents (by fingerprint)
     form the `validation` split.

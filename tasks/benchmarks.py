@@ -127,7 +127,7 @@ SUPER_GLUE_RATES = {
     "boolq": 9_427, "cb": 250, "copa": 400, "multirc": 27_243, "record": 138_854,
     "rte": 2_490, "wic": 5_428, "wsc": 259,
 }  # fmt: skip
-PRETRAINING_TASKS = ("span_corruption", "lm_adaptation")
+PRETRAINING_TASKS = ("span_corruption", "lm_adaptation", "bert_style")
 
 
 def variant_name(task: str, *, taskless: bool = False, sentinel: bool = False) -> str:
@@ -173,7 +173,8 @@ def register() -> None:
         )
     to_targets = seqio.utils.map_over_dataset(lambda x: {"targets": x["text"]})
     tokenize_text = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
-    objectives = (pretraining.span_corruption, pretraining.lm_adaptation)
+    objectives = (pretraining.span_corruption, pretraining.lm_adaptation,
+                  pretraining.bert_style)
     for name, objective in zip(PRETRAINING_TASKS, objectives, strict=True):
         _add_task(
             name,

@@ -161,6 +161,7 @@ def test_registered_names():
         *(b + "_sentinel" for b in bases),
         "span_corruption",
         "lm_adaptation",
+        "bert_style",
     }
     for suffix in ("", "_sentinel"):
         mixture = seqio.get_mixture_or_task("super_glue" + suffix)

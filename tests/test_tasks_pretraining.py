@@ -151,6 +151,32 @@ def test_lm_adaptation_task(text_file):
     assert again == examples[:50]
 
 
+def test_bert_style_task(text_file):
+    _, lines = text_file
+    examples = _run("bert_style", shuffle=False, lengths={"inputs": 64, "targets": 64})
+    assert len(examples) > 20
+    corrupted = masked = total = 0
+    originals = []
+    for inputs, targets in examples:
+        assert inputs[-1] == 1 and targets[-1] == 1 and len(inputs) == len(targets) <= 64
+        changed = [(i, t) for i, t in zip(inputs, targets, strict=True) if i != t]
+        masked += sum(i == V - 1 for i, _ in changed)
+        # Random replacements are ordinary tokens (never padding, EOS, UNK or a sentinel).
+        assert all(3 <= i < V - 100 for i, _ in changed if i != V - 1)
+        corrupted, total = corrupted + len(changed), total + len(inputs) - 1
+        originals += targets[:-1]
+    # 15% i.i.d. (a random replacement can draw the original token: rarely).
+    assert corrupted / total == pytest.approx(0.15, abs=0.02)
+    assert masked / corrupted == pytest.approx(0.9, abs=0.04)
+    # The targets are the training documents' tokens, in order, cut into 63-token pieces.
+    vocab = tasks.get_vocabulary()
+    docs = [vocab.encode(d) for d in lines if _held_out(d) is False]
+    assert originals == [t for d in docs for t in d][: len(originals)]
+    assert _run("bert_style", shuffle=False, lengths={"inputs": 64, "targets": 64}) == examples
+    with pytest.raises(ValueError, match="targets length 32 is shorter than the inputs length 64"):
+        _run("bert_style", lengths={"inputs": 64, "targets": 32})
+
+
 def _held_out(doc: str) -> bool:
     bucket = tf.strings.to_hash_bucket_fast(doc, sources.VALIDATION_BUCKETS).numpy()
     return bool(bucket == 0)
