@@ -141,6 +141,15 @@ def keeps_environment(fn):
     return wrapped
 
 
+def frozen_model(checkpoint: str):
+    """(T5 without dropout, params) of the checkpoint, for the diagnostics below."""
+    from prompt_jax.checkpoints import load_checkpoint
+    from prompt_jax.t5.model import T5
+
+    config, params = load_checkpoint(checkpoint)
+    return T5(config.replace(dropout_rate=0.0)), params
+
+
 @keeps_environment
 def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
                 task: str = "span_corruption", examples: int = 256, chunk: int = 32
@@ -156,16 +165,13 @@ def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
     from prompt_jax.tasks import config as task_config
 
     from prompt_jax import data, losses
-    from prompt_jax.checkpoints import load_checkpoint
-    from prompt_jax.t5.model import T5
 
     os.environ.update({task_config.DATA_DIR_ENV: data_dir,
                        task_config.TEXT_FILES_ENV: text, task_config.VOCAB_ENV: vocab_path})
     ds = data.get_dataset(task, "validation", HELDOUT[task], shuffle=False, seed=0,
                           num_epochs=1)
     batch = next(ds.batch(examples).as_numpy_iterator())
-    config, params = load_checkpoint(checkpoint)
-    model = T5(config.replace(dropout_rate=0.0))
+    model, params = frozen_model(checkpoint)
     apply = jax.jit(lambda p, enc, dec, tgt: model.apply({"params": p}, enc, dec, tgt))
     weights = np.asarray(batch["decoder_target_tokens"] > 0, np.float32)
     out = {}
@@ -215,12 +221,9 @@ def task_probe(checkpoint: str, data_dir: str, vocab_path: str, task: str = PROB
     from prompt_jax.tasks import config as task_config
 
     from prompt_jax import data
-    from prompt_jax.checkpoints import load_checkpoint
-    from prompt_jax.t5.model import T5
 
     os.environ.update({task_config.DATA_DIR_ENV: data_dir, task_config.VOCAB_ENV: vocab_path})
-    config, params = load_checkpoint(checkpoint)
-    model = T5(config.replace(dropout_rate=0.0))
+    model, params = frozen_model(checkpoint)
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)[0])
 
     def split(name: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -261,17 +264,14 @@ def completions(checkpoint: str, vocab_path: str, max_tokens: int = 24) -> list[
     from prompt_jax.tasks.config import get_vocabulary
 
     from prompt_jax import decoding
-    from prompt_jax.checkpoints import load_checkpoint
-    from prompt_jax.t5.model import T5
 
     vocab = get_vocabulary(vocab_path)
-    config, params = load_checkpoint(checkpoint)
+    model, params = frozen_model(checkpoint)
     ids = [list(vocab.encode(text)) + [1] for text in COMPLETIONS]  # EOS, as the task's inputs
     tokens = np.zeros((len(ids), max(map(len, ids))), np.int32)
     for row, piece in zip(tokens, ids, strict=True):
         row[:len(piece)] = piece
-    out, _ = decoding.greedy_decode(T5(config.replace(dropout_rate=0.0)), params,
-                                    jnp.asarray(tokens), max_tokens)
+    out, _ = decoding.greedy_decode(model, params, jnp.asarray(tokens), max_tokens)
     return [(text, vocab.decode([int(t) for t in row if t > 1]))
             for text, row in zip(COMPLETIONS, np.asarray(out), strict=True)]
 
