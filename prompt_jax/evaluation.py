@@ -171,6 +171,10 @@ class TaskEvaluator:
             out[task] = -total / max(tokens, 1)
         return out
 
+    def loss_names(self) -> list[str]:
+        """The flat names of the losses `evaluate` reports: `loss`, or `<task>/loss` each."""
+        return list(flat_metrics({task: {"loss": 0.0} for task in self.loss_datasets}))
+
     def evaluate(self, params: Any, step: int | None = None) -> dict[str, dict[str, float]]:
         """-> {task_name: {metric: value}}: the task's metrics, `rank_accuracy` for
         classification tasks, and `loss`, the validation cross-entropy per target token."""

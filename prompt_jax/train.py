@@ -126,6 +126,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         evaluator = _evaluator(run.model, mixture_or_task_name, eval_split, lengths,
                                eval_batch_size or batch_size, mesh, eval_examples,
                                truncate_eval_inputs) if eval_split else None
+        if evaluator is not None:
+            check_early_stopping_metric(early_stopping_metric, evaluator.loss_names())
         model_dir_lib.write_config(model_dir, gin.config_str())
         return _loop(run, step_fn, batches, evaluator, eval_split, train_steps,
                      checkpoint_period or eval_period, eval_period, log_period, batch_size,
@@ -430,6 +432,15 @@ def _evaluator(model, task_name, split, lengths, batch_size, mesh, num_examples,
     if truncate and evaluator.stats.truncated:
         _say(f"{split}: {evaluator.stats}")
     return evaluator
+
+
+def check_early_stopping_metric(name: str | None, losses: list[str]) -> None:
+    """A loss as the early-stopping metric must be one the evaluation reports: checked before
+    the first step rather than at the first eval (a mixture reports `<task>/loss` each, no
+    plain `loss`). Other metrics' names are known only once the task's metrics have run."""
+    if name is not None and is_loss(name) and name not in losses:
+        raise ValueError(f"train.early_stopping_metric {name!r} is not a loss this evaluation "
+                         f"reports; it reports {losses}")
 
 
 def _default_metric(metrics: dict[str, float]) -> str:

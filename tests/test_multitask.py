@@ -365,3 +365,23 @@ def test_a_resumed_multitask_run_equals_an_uninterrupted_one(mixture, tmp_path, 
         np.testing.assert_allclose(resumed, whole, atol=1e-6, err_msg=task)
         two = prompts.load_prompt(str(tmp_path / "whole" / "task_prompts" / task / "2.npy"))
         assert np.abs(two - whole).max() > 1e-5  # the steps after the resume moved it
+
+
+def test_mixture_early_stopping_on_plain_loss_fails_before_the_first_step(mixture, tmp_path,
+                                                                          capsys):
+    """A mixture reports `<task>/loss` each; `early_stopping_metric='loss'` (pretrain.gin's)
+    used to fail only at the first eval, after EVAL_PERIOD steps of training."""
+    from conftest import assert_one_line_error, run, train_args
+
+    model_dir = tmp_path / "run"
+    rc, out, err = run(capsys, *train_args(model_dir, steps=3, period=3, settings=(
+        "--gin_file=demo.gin", f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'",
+        "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 8}",
+        "--gin.train.eval_examples=4", "--gin.PromptInit.kind='sampled_vocab'",
+        "--gin.train.early_stopping_metric='loss'")))
+    assert_one_line_error(rc, err, r"early_stopping_metric 'loss' is not a loss this "
+                          r"evaluation reports; it reports \['glue_sst2/loss', "
+                          r"'super_glue_rte/loss'\]")
+    assert not (model_dir / "checkpoints").exists() or not any((model_dir / "checkpoints")
+                                                                 .iterdir())
+    assert "step 1" not in out + err

@@ -91,6 +91,19 @@ def test_label_words_tokenize_as_targets():
     np.testing.assert_array_equal(got.word_class, [0, 0, 1])
 
 
+def test_init_labels_of_a_users_own_mixture_and_of_an_unknown_name():
+    import prompt_jax.tasks  # noqa: F401  (registers the tasks the mixture names)
+    import seqio
+
+    seqio.MixtureRegistry.add("test_verbalizers_own", [("super_glue_rte", 1.0)])
+    try:  # a user's mixture: no labels known (class-label init then says to set them)
+        assert verbalizers.init_labels("test_verbalizers_own") is None
+    finally:
+        seqio.MixtureRegistry.remove("test_verbalizers_own")
+    with pytest.raises(ValueError, match="'super_glue_rtee' is not a prompt_jax task"):
+        verbalizers.init_labels("super_glue_rtee")  # a typo still fails, naming it
+
+
 def test_binding_feeds_class_label_initialisation():
     assert verbalizers.init_labels("super_glue_rte") == ("entailment", "not_entailment")
     gin.bind_parameter("verbalizer_words.words",

@@ -324,6 +324,12 @@ class MultitaskEvaluator:
                 truncate_inputs=truncate_inputs)
         self._combined = jax.jit(lambda p: combined_prompts(p, model))
 
+    def loss_names(self) -> list[str]:
+        """The flat names of the losses `evaluate` reports: `mean/loss`, `<task>/loss`."""
+        from prompt_jax.evaluation import flat_metrics
+
+        return list(flat_metrics({name: {"loss": 0.0} for name in (MEAN, *self.evaluators)}))
+
     def evaluate(self, params: Any, step: int | None = None) -> dict[str, dict[str, float]]:
         """-> {MEAN: {metric: mean over the tasks that have it, for those all have}, task:
         metrics, ...}; flat (`evaluation.flat_metrics`) `mean/loss`, `<task>/loss`, ..."""
