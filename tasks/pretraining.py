@@ -170,24 +170,33 @@ def _inputs_length(sequence_length: Mapping[str, int] | None) -> int:
     return (sequence_length or {}).get("inputs") or DEFAULT_INPUTS_LENGTH
 
 
-def span_corruption(dataset, sequence_length, output_features) -> tf.data.Dataset:
-    """T5's span corruption with noise density 0.15 and mean span length 3 (module docstring)."""
-    tokens_length, targets_length = span_corruption_lengths(_inputs_length(sequence_length))
+def _denoising(dataset, sequence_length, output_features, corrupt, num_seeds: int,
+               piece_length: int, targets_length: int, name: str) -> tf.data.Dataset:
+    """Concatenated documents cut into `piece_length`-token pieces, each mapped to (inputs,
+    targets) by `corrupt(tokens, seeds [num_seeds, 2], vocab_size)`; `targets_length` is
+    what the objective makes, checked against the requested targets length."""
     wanted = (sequence_length or {}).get("targets")
     if wanted is not None and wanted < targets_length:
         raise ValueError(
-            f"span corruption with inputs length {_inputs_length(sequence_length)} makes "
+            f"{name} with inputs length {_inputs_length(sequence_length)} makes "
             f"targets of {targets_length} tokens, more than the targets length {wanted}"
         )
     vocab_size = output_features["targets"].vocabulary.vocab_size
 
-    @seqio.map_over_dataset(num_seeds=2)
-    def corrupt(x, seeds):
-        inputs, targets = corrupt_spans(x["targets"], tf.stack(seeds), vocab_size)
+    @seqio.map_over_dataset(num_seeds=num_seeds)
+    def fn(x, seeds):
+        inputs, targets = corrupt(x["targets"], tf.stack(seeds), vocab_size)
         return {"inputs": inputs, "targets": targets}
 
     dataset = concatenate_documents(select_random_chunk(dataset))
-    return corrupt(split_tokens(dataset, tokens_length))
+    return fn(split_tokens(dataset, piece_length))
+
+
+def span_corruption(dataset, sequence_length, output_features) -> tf.data.Dataset:
+    """T5's span corruption with noise density 0.15 and mean span length 3 (module docstring)."""
+    tokens_length, targets_length = span_corruption_lengths(_inputs_length(sequence_length))
+    return _denoising(dataset, sequence_length, output_features, corrupt_spans, 2,
+                      tokens_length, targets_length, "span corruption")
 
 
 def lm_adaptation(dataset, sequence_length, output_features) -> tf.data.Dataset:
@@ -225,19 +234,9 @@ def bert_style_corrupt(
 def bert_style(dataset, sequence_length, output_features) -> tf.data.Dataset:
     """Denoising with targets = the original piece (module docstring)."""
     inputs_length = _inputs_length(sequence_length)
-    wanted = (sequence_length or {}).get("targets")
-    if wanted is not None and wanted < inputs_length:
-        raise ValueError(
-            f"the BERT-style objective's targets are the whole piece: targets length {wanted} "
-            f"is shorter than the inputs length {inputs_length}"
-        )
-    vocab_size = output_features["targets"].vocabulary.vocab_size
 
-    @seqio.map_over_dataset(num_seeds=3)
-    def corrupt(x, seeds):
-        tokens = x["targets"]
-        return {"inputs": bert_style_corrupt(tokens, tf.stack(seeds), vocab_size),
-                "targets": tokens}
+    def corrupt(tokens, seeds, vocab_size):
+        return bert_style_corrupt(tokens, seeds, vocab_size), tokens
 
-    dataset = concatenate_documents(select_random_chunk(dataset))
-    return corrupt(split_tokens(dataset, inputs_length - 1))
+    return _denoising(dataset, sequence_length, output_features, corrupt, 3,
+                      inputs_length - 1, inputs_length, "the BERT-style objective")
