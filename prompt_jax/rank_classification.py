@@ -42,10 +42,7 @@ def candidates(task_name: str, length: int) -> Candidates | None:
 
     from prompt_jax import tasks
 
-    try:
-        labels = tasks.class_labels(task_name)
-    except ValueError:  # a task registered outside prompt_jax
-        return None
+    labels = tasks.class_labels(task_name)
     if not labels:
         return None
     vocab = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary

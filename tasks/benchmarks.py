@@ -203,12 +203,16 @@ def class_labels(task_name: str) -> tuple[str, ...] | None:
 
     `_sentinel` and `taskless_` variants give their base task's plain labels (without
     `<extra_id_0>`): the strings a prompt is initialized from. ReCoRD, WSC (free-text
-    referents), the mixtures and the pretraining tasks give None.
+    referents), the mixtures and the pretraining tasks give None; so does a task or mixture
+    registered with seqio outside prompt_jax (a user's own: no labels known). Any other name
+    raises, naming it.
     """
     base = task_name.removeprefix(TASKLESS_PREFIX).removesuffix(SENTINEL_SUFFIX)
     if base in _SPECS_BY_NAME:
         return _SPECS_BY_NAME[base].labels
     if task_name in PRETRAINING_TASKS or task_name in MIXTURE_NAMES:
+        return None
+    if task_name in seqio.TaskRegistry.names() or task_name in seqio.MixtureRegistry.names():
         return None
     known = TASK_NAMES + TASKLESS_TASKS + MIXTURE_NAMES
     raise ValueError(f"{task_name!r} is not a prompt_jax task; known: {known}")

@@ -207,26 +207,13 @@ def words_for(task_name: str) -> tuple[tuple[str, ...], ...] | None:
     return words
 
 
-def _task_labels(task_name: str) -> tuple[str, ...] | None:
-    """The task's class labels; None for a task or mixture registered with seqio outside
-    prompt_jax (a user's own: no labels known); an unknown name raises."""
-    import seqio
-
-    from prompt_jax import tasks
-
-    try:
-        return tasks.class_labels(task_name)
-    except ValueError:
-        if task_name in (*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()):
-            return None
-        raise
-
-
 def init_labels(task_name: str) -> tuple[str, ...] | None:
     """The strings class-label initialisation embeds: the verbalizer's words class by class
     (first words of every class first, then second words, ...), else the task's labels."""
+    from prompt_jax import tasks
+
     words = words_for(task_name)
     if words is None:
-        return _task_labels(task_name)
+        return tasks.class_labels(task_name)
     depth = max(map(len, words))
     return tuple(ws[i] for i in range(depth) for ws in words if i < len(ws))
