@@ -32,6 +32,7 @@ import sys
 import time
 
 from jobs import DEMO_DATA, REPO, SHARED_DATA
+from scores import missing_official_files
 
 from prompt_jax.model_dir import HF_EXPORT, eval_results, read_json
 
@@ -191,19 +192,6 @@ def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
     return out
 
 
-def has_probe_files(data_dir: str) -> bool:
-    """Whether PROBE_TASK's official train and validation files are under `data_dir`."""
-    from prompt_jax.tasks import official
-
-    short = PROBE_TASK.removeprefix("glue_").removeprefix("super_glue_")
-    try:
-        for split in ("train", "validation"):
-            official.official_file(data_dir, short, split)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 @keeps_environment
 def task_probe(checkpoint: str, data_dir: str, vocab_path: str, task: str = PROBE_TASK,
                train_examples: int = PROBE_EXAMPLES, iterations: int = 2000,
@@ -338,8 +326,9 @@ def main() -> None:
     }
     reads = {model: {task: encoder_use(checkpoint, data_dir, args.text, vocab, task)
                      for task in HELDOUT} for model, (checkpoint, _) in models.items()}
+    has_probe_data = not missing_official_files(data_dir, PROBE_TASK)
     probes = {model: task_probe(checkpoint, data_dir, vocab)
-              for model, (checkpoint, _) in models.items()} if has_probe_files(data_dir) else {}
+              for model, (checkpoint, _) in models.items()} if has_probe_data else {}
     samples = completions(lm, vocab)
 
     # The committed copy: bfloat16 weights (half the bytes; the demo computes in float32).

@@ -32,6 +32,20 @@ def tasks_module():
     return tasks
 
 
+def missing_official_files(data_dir: str, task: str) -> list[str]:
+    """The official files of `task`'s train and validation splits (e.g. glue_sst2:
+    glue/SST-2/{train,dev}.tsv) that are absent under `data_dir`."""
+    official = tasks_module().official
+    short = task.removesuffix("_sentinel").removeprefix("super_glue_").removeprefix("glue_")
+    missing = []
+    for split in ("train", "validation"):
+        try:
+            official.official_file(str(data_dir), short, split)
+        except FileNotFoundError as e:
+            missing.append(str(e).split(":")[0])
+    return missing
+
+
 def task_score(metrics: Mapping[str, float]) -> float:
     """A task's score: the mean of its metrics (SuperGLUE's convention for CB, MultiRC, ReCoRD)."""
     values = [v for k, v in metrics.items() if not is_loss(k) and k not in DIAGNOSTICS]

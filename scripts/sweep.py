@@ -23,7 +23,15 @@ from typing import Any
 
 import jobs
 from jobs import DEMO_DATA, REPO, SHARED_DATA, Job, gin_str, shell_arg, short_path, size_gin
-from scores import DIAGNOSTICS, SUPERGLUE, aggregate, majority_score, task_score, tasks_module
+from scores import (
+    DIAGNOSTICS,
+    SUPERGLUE,
+    aggregate,
+    majority_score,
+    missing_official_files,
+    task_score,
+    tasks_module,
+)
 
 from prompt_jax.cli import UsageError, split_gin_args
 from prompt_jax.evaluation import is_loss
@@ -299,17 +307,7 @@ class Sweep:
     def missing_data(self, task: str) -> list[str]:
         """The official files of a task's train and validation splits that are absent under
         the data directory ([] when there is none: TFDS is read)."""
-        if not self.data_dir:
-            return []
-        official = tasks_module().official
-        short = task.removesuffix("_sentinel").removeprefix("super_glue_").removeprefix("glue_")
-        missing = []
-        for split in ("train", "validation"):
-            try:
-                official.official_file(self.data_dir, short, split)
-            except FileNotFoundError as e:
-                missing.append(str(e).split(":")[0])
-        return missing
+        return missing_official_files(self.data_dir, task) if self.data_dir else []
 
     def require_data(self, tasks: Iterable[str]) -> None:
         missing = [m for t in tasks for m in self.missing_data(t)]
