@@ -5,7 +5,8 @@ are the task's, exactly as seqio computes them, so the train job's validation
 metric, `prompt-jax eval` and the leaderboard-style metrics agree. Besides the
 task's metrics: `rank_accuracy` (rank classification over the label strings,
 `rank_classification`), `verbalizer_accuracy` where a verbalizer is bound
-(methods/verbalizers.py) and `loss` (cross-entropy per target token).
+(methods/verbalizers.py) and `loss` (cross-entropy per target token). A model with P-tuning
+v2's classification head reports the head's `head_accuracy` and `loss` instead.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ class TaskEvaluator:
         if not tasks:
             raise ValueError(f"{mixture_or_task_name}: no task has a {split!r} split")
         self.evaluator = None
-        if seqio.evaluation.get_valid_eval_tasks(tasks, split):
+        # P-tuning v2's classification head (methods/deep_prompts.py): the head's own
+        # accuracy and loss; the decoder, untouched by it, is not scored.
+        spec = getattr(model, "deep_prompt_spec", None)
+        self.head = bool(spec is not None and spec.classification_head)
+        if not self.head and seqio.evaluation.get_valid_eval_tasks(tasks, split):
             self.evaluator = seqio.Evaluator(
                 mixture_or_task_name=mixture_or_task_name,
                 feature_converter=seqio.EncDecFeatureConverter(pack=False),
@@ -103,7 +108,15 @@ class TaskEvaluator:
                     words = verbalizers.task_word_targets(task.name, lengths["targets"])
                     if words is not None:
                         self.verbalized[task.name] = words
+        self.head_labels = {}  # task -> its label targets [C, L], by which a row's class is told
+        if self.head:
+            for task in tasks:
+                found = rank_classification.candidates(task.name, lengths["targets"])
+                if found is not None:
+                    self.head_labels[task.name] = found.tokens
         self._log_likelihood = jax.jit(self._log_likelihood_of)
+        self._classify = jax.jit(lambda params, tokens: self.model.apply(
+            {"params": params}, tokens, method=self.model.classify))
 
     def _place(self, tokens: np.ndarray) -> Any:
         if self.mesh is None:
@@ -171,13 +184,38 @@ class TaskEvaluator:
             out[task] = -total / max(tokens, 1)
         return out
 
+    def head_metrics(self, params: Any) -> dict[str, dict[str, float]]:
+        """A classification head's `head_accuracy` (%) and `loss` (its cross-entropy per
+        labelled example: what early stopping compares) per task; rows whose target is
+        none of the labels do not count."""
+        out = {}
+        for task, label_tokens in self.head_labels.items():
+            correct, total, nll = 0, 0, 0.0
+            for _, features, n in batches(self.loss_datasets[task], self.batch_size):
+                logits = np.asarray(jax.device_get(self._classify(
+                    params, self._place(features["encoder_input_tokens"]))), np.float64)[:n]
+                labels = np.asarray(verbalizers.batch_labels(
+                    jnp.asarray(features["decoder_target_tokens"][:n]), label_tokens))
+                keep = labels >= 0
+                logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+                nll -= float(logp[keep, labels[keep]].sum())
+                correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+                total += int(keep.sum())
+            if total:
+                out[task] = {"head_accuracy": 100.0 * correct / total, "loss": nll / total}
+        return out
+
     def loss_names(self) -> list[str]:
         """The flat names of the losses `evaluate` reports: `loss`, or `<task>/loss` each."""
-        return list(flat_metrics({task: {"loss": 0.0} for task in self.loss_datasets}))
+        tasks = self.head_labels if self.head else self.loss_datasets
+        return list(flat_metrics({task: {"loss": 0.0} for task in tasks}))
 
     def evaluate(self, params: Any, step: int | None = None) -> dict[str, dict[str, float]]:
         """-> {task_name: {metric: value}}: the task's metrics, `rank_accuracy` for
-        classification tasks, and `loss`, the validation cross-entropy per target token."""
+        classification tasks, and `loss`, the validation cross-entropy per target token;
+        with a classification head, `head_metrics` alone."""
+        if self.head:
+            return self.head_metrics(params)
         results = {}
         if self.evaluator is not None:
             future, _ = self.evaluator.evaluate(compute_metrics=True, step=step,

@@ -47,6 +47,9 @@ gin.external_configurable(optim.rsqrt_schedule, "rsqrt_schedule")
 gin.external_configurable(optim.checkpoint_step_offset, "checkpoint_step_offset")
 gin.external_configurable(optax.piecewise_constant_schedule, "piecewise_constant_schedule")
 gin.external_configurable(LossConfig, "LossConfig")
+# AdamW, the optimizer of the P-tuning v2 reference (HF Trainer; methods/p_tuning_v2_head.gin).
+gin.external_configurable(optax.adamw, "adamw")
+gin.external_configurable(optax.linear_schedule, "linear_schedule")
 
 
 class TrainingError(RuntimeError):
@@ -98,6 +101,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                 multitask_prompts, deep_prompt)
     lengths = data.check_lengths(task_feature_lengths)
     data.check_name(mixture_or_task_name)
+    if deep_prompt is not None:  # a classification head is sized by the task's labels
+        deep_prompt = deep_prompt.with_classes(mixture_or_task_name)
+    head_labels = _head_labels(deep_prompt, loss, mixture_or_task_name, lengths)
     tx = optimizer or optim.adafactor()
     if dry_run:  # a hypothetical mesh: the devices need not exist here
         config = model.config()
@@ -119,7 +125,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                                                  num_microbatches=num_microbatches,
                                                  pet=_pet_targets(loss, run.model,
                                                                   mixture_or_task_name,
-                                                                  lengths)),
+                                                                  lengths),
+                                                 head_labels=head_labels),
                                  mesh, run.shardings)
         batches = _train_batches(mixture_or_task_name, lengths, batch_size, mesh, data_seed,
                                  run.start_step, getattr(run.model, "task_names", None))
@@ -290,7 +297,7 @@ class _Run:
                 deep_prompts.save_deep_prompt(
                     model_dir_lib.deep_prompt_at(self.model_dir, step) if step is not None else
                     model_dir_lib.path(self.model_dir, model_dir_lib.BEST_DEEP_PROMPT),
-                    spec, self.config, matrix)
+                    spec, self.config, matrix, head=deep_prompts.head_of(spec, params))
         if isinstance(self.model, multitask.MultitaskT5) and primary:
             multitask.save_task_prompts(self.state.trainable, self.model, lambda task:
                                         model_dir_lib.task_prompt_at(self.model_dir, task, step))
@@ -368,6 +375,24 @@ def _pet_targets(loss: LossConfig, model: Any, task_name: str, lengths: dict[str
     from prompt_jax.methods import verbalizers
 
     return verbalizers.pet_targets(task_name, lengths["targets"])
+
+
+def _head_labels(deep_prompt: DeepPromptSpec | None, loss: LossConfig, task_name: str,
+                 lengths: dict[str, int]) -> np.ndarray | None:
+    """The label targets [C, L] by which the train step tells each row's class for a
+    classification head (`DeepPromptSpec.classification_head`), else None."""
+    if deep_prompt is None or not deep_prompt.classification_head:
+        return None
+    if loss.pet_weight:
+        raise ValueError("LossConfig.pet_weight > 0 with DeepPromptSpec.classification_head: "
+                         "the head replaces the decoder's words that PET scores; use one")
+    from prompt_jax import rank_classification
+
+    found = rank_classification.candidates(task_name, lengths["targets"])
+    if found is None:
+        raise ValueError(f"DeepPromptSpec.classification_head: {task_name}'s labels are not "
+                         f"distinct targets at target length {lengths['targets']}")
+    return found.tokens
 
 
 def _print_memory_plan(config, model, mesh_shape, batch_size, trainable, lengths, tx,

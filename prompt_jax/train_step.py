@@ -35,6 +35,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from prompt_jax import losses, optim, partitioning
@@ -75,11 +76,38 @@ class LossConfig:
     pet_weight: float = 0.0
 
 
+def head_loss(model: T5, params: Any, batch: Batch, label_tokens: np.ndarray,
+              dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
+    """P-tuning v2's classification head (`T5.classify`): the cross-entropy of each
+    labelled row's class (the label its target spells, `verbalizers.batch_labels`; other
+    rows do not count), summed over the rows as t5x sums over tokens. Its metrics keep the
+    train step's names: `loss` per labelled row, `num_tokens` the labelled rows,
+    `token_accuracy` the head's accuracy on them, `z_loss` 0."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    logits = model.apply({"params": params}, batch["encoder_input_tokens"],
+                         enable_dropout=dropout_rng is not None, rngs=rngs,
+                         method=model.classify)
+    labels = verbalizers.batch_labels(batch["decoder_target_tokens"], label_tokens)
+    valid = labels >= 0
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    gold = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    objective = -jnp.sum(jnp.where(valid, gold, 0.0))
+    rows = valid.sum().astype(jnp.float32)
+    correct = jnp.sum(valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.float32)
+    return objective, {"loss": objective / jnp.maximum(rows, 1.0), "objective": objective,
+                       "z_loss": jnp.zeros((), jnp.float32), "num_tokens": rows,
+                       "token_accuracy": correct / jnp.maximum(rows, 1.0)}
+
+
 def compute_loss(model: T5, params: Any, batch: Batch, loss_config: LossConfig,
-                 dropout_rng: Array | None, pet: verbalizers.PetTargets | None = None
-                 ) -> tuple[Array, dict[str, Array]]:
+                 dropout_rng: Array | None, pet: verbalizers.PetTargets | None = None,
+                 head_labels: np.ndarray | None = None) -> tuple[Array, dict[str, Array]]:
     """Teacher-forced loss of `batch` under `params` (dropout on iff `dropout_rng`); with
-    `pet` and `loss_config.pet_weight`, PET's term beside it (`verbalizers.pet_sum`)."""
+    `pet` and `loss_config.pet_weight`, PET's term beside it (`verbalizers.pet_sum`); with
+    `head_labels` (the task's label targets [C, L]), the classification head's loss alone
+    (`head_loss`)."""
+    if head_labels is not None:
+        return head_loss(model, params, batch, head_labels, dropout_rng)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     # A multi-task batch carries each row's task (methods/multitask.py).
     task = {"task_index": batch["task_index"]} if "task_index" in batch else {}
@@ -117,7 +145,8 @@ def check_num_microbatches(batch_size: int, data_parallel: int, num_microbatches
 
 def make_train_step(model: T5, tx: optax.GradientTransformation,
                     loss_config: LossConfig = LossConfig(), dropout_seed: int = 0,
-                    num_microbatches: int = 1, pet: verbalizers.PetTargets | None = None
+                    num_microbatches: int = 1, pet: verbalizers.PetTargets | None = None,
+                    head_labels: np.ndarray | None = None
                     ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, Array]]]:
     """`train_step(state, frozen, batch) -> (state, metrics)`, not yet jitted.
 
@@ -125,6 +154,7 @@ def make_train_step(model: T5, tx: optax.GradientTransformation,
     folded in again with i), so a resumed run draws the same masks as an uninterrupted one.
     `num_microbatches` must divide the batch (per data shard: `check_num_microbatches`).
     `pet`: the task's verbalizer, for `loss_config.pet_weight` (`compute_loss`).
+    `head_labels`: the task's label targets [C, L] for a classification head (`head_loss`).
     """
     base_rng = jax.random.PRNGKey(dropout_seed)
     if not isinstance(num_microbatches, int) or num_microbatches < 1:
@@ -135,7 +165,7 @@ def make_train_step(model: T5, tx: optax.GradientTransformation,
 
         def loss_fn(trainable, batch, rng):
             return compute_loss(model, merge_params(trainable, frozen), batch, loss_config, rng,
-                                pet)
+                                pet, head_labels)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if num_microbatches == 1:

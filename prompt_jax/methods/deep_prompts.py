@@ -47,6 +47,7 @@ Array = jax.Array
 METHODS = ("p_tuning_v2", "prefix_tuning")
 DEEP_PROMPT_PATH = "deep_prompt"  # the params' scope in T5; matched by `.*prompt.*`
 EMBEDDING = "embedding"
+HEAD_KERNEL, HEAD_BIAS = "head_kernel", "head_bias"  # P-tuning v2's classification head
 ARTIFACT_KEYS = ("method", "embedding", "layers", "num_heads", "d_kv")
 
 
@@ -59,17 +60,35 @@ class DeepPromptSpec:
     prefix (None: all; e.g. the upper half, which the P-tuning v2 notes find carries most
     of the gain). `projection_hidden`: 0 learns the prefixes directly; > 0 is PEFT's
     `prefix_projection` with `encoder_hidden_size=projection_hidden`.
+    `classification_head` (p_tuning_v2 only; methods/p_tuning_v2_head.gin): P-tuning v2's
+    classifier, a linear layer on the encoder's outputs averaged over the input's positions,
+    trained with the prefixes on the cross-entropy of the task's classes in place of the
+    decoder's generation loss (the paper's Section 3.3: "a randomly-initialized
+    classification head on top of the tokens as in BERT"); `num_classes` is its width, which
+    the train job fills in from the task's labels (0: not yet known).
     """
 
     method: str = "p_tuning_v2"
     length: int = 20
     layers: tuple[int, ...] | None = None
     projection_hidden: int = 0
+    classification_head: bool = False
+    num_classes: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"DeepPromptSpec.method={self.method!r} is not one of "
                              f"{', '.join(METHODS)}")
+        if not isinstance(self.classification_head, bool):
+            raise ValueError(f"DeepPromptSpec.classification_head must be True or False, got "
+                             f"{self.classification_head!r}")
+        if self.classification_head and self.method != "p_tuning_v2":
+            raise ValueError(f"DeepPromptSpec.classification_head is P-tuning v2's; "
+                             f"{self.method} scores the decoder's words")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0 or (
+                self.num_classes and not self.classification_head) or self.num_classes == 1:
+            raise ValueError(f"DeepPromptSpec.num_classes={self.num_classes!r}: the head's "
+                             "class count, >= 2, with classification_head=True only")
         for field in ("length", "projection_hidden"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -119,6 +138,27 @@ class DeepPromptSpec:
                 "decoder": {j: (4 * j % slots, (4 * j + 1) % slots)
                             for j in range(config.num_decoder_layers)}}
 
+    def head_classes(self) -> int:
+        """The head's class count; raises while the task has not filled it in."""
+        if not self.num_classes:
+            raise ValueError("DeepPromptSpec.classification_head: num_classes is not set; the "
+                             "train job sets it from the task's labels (with_classes)")
+        return self.num_classes
+
+    def with_classes(self, task_name: str) -> DeepPromptSpec:
+        """The spec with the head sized for `task_name`'s labels (unchanged without a head);
+        a clear error for a task without class labels."""
+        if not self.classification_head:
+            return self
+        from prompt_jax import tasks
+
+        labels = tasks.class_labels(task_name)
+        if not labels or len(labels) < 2:
+            raise ValueError(f"DeepPromptSpec.classification_head: {task_name} has no class "
+                             "labels to classify (a classification task, not a mixture, is "
+                             "needed)")
+        return dataclasses.replace(self, num_classes=len(labels))
+
     def for_inference(self) -> DeepPromptSpec:
         """The spec of the saved matrix: the same prefixes with no projection."""
         return dataclasses.replace(self, projection_hidden=0)
@@ -133,33 +173,49 @@ def _torch_linear_init(fan_in: int):
 
 class DeepPrompt(nn.Module):
     """The matrix of a `DeepPromptSpec`: `() -> [N, S*2*H*D]` float32 (the prompt's dtype,
-    whatever the frozen weights'); `split_prefixes` gives each layer its keys and values."""
+    whatever the frozen weights'); `split_prefixes` gives each layer its keys and values.
+    With a classification head, `classify(pooled [B, E]) -> logits [B, C]` (its
+    `head_kernel` [E, C] and `head_bias` [C] live beside the prefixes)."""
 
     spec: DeepPromptSpec
     config: T5Config
 
-    @nn.compact
-    def __call__(self) -> Array:
+    def setup(self):
         spec, cfg = self.spec, self.config
         width, token_dim = spec.width(cfg), cfg.joined_kv
         param = lambda name, init, shape, axes: self.param(
             name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
         # PEFT's init: torch.nn.Embedding is N(0, 1).
         if spec.projection_hidden == 0:
-            matrix = param(EMBEDDING, nn.initializers.normal(1.0), (spec.length, width),
-                           ("prompt", "prompt_embed"))
+            self.embedding = param(EMBEDDING, nn.initializers.normal(1.0), (spec.length, width),
+                                   ("prompt", "prompt_embed"))
         else:
             hidden = spec.projection_hidden
-            x = param(EMBEDDING, nn.initializers.normal(1.0), (spec.length, token_dim),
-                      ("prompt", "prompt_embed"))
+            self.embedding = param(EMBEDDING, nn.initializers.normal(1.0),
+                                   (spec.length, token_dim), ("prompt", "prompt_embed"))
             init0, init1 = _torch_linear_init(token_dim), _torch_linear_init(hidden)
-            x = jnp.tanh(x @ param("transform_0_kernel", init0, (token_dim, hidden),
-                                   ("prompt_embed", None))
-                         + param("transform_0_bias", init0, (hidden,), (None,)))
-            matrix = (x @ param("transform_1_kernel", init1, (hidden, width),
-                                (None, "prompt_embed"))
-                      + param("transform_1_bias", init1, (width,), ("prompt_embed",)))
-        return matrix
+            self.projection = (
+                param("transform_0_kernel", init0, (token_dim, hidden), ("prompt_embed", None)),
+                param("transform_0_bias", init0, (hidden,), (None,)),
+                param("transform_1_kernel", init1, (hidden, width), (None, "prompt_embed")),
+                param("transform_1_bias", init1, (width,), ("prompt_embed",)))
+        if spec.classification_head:
+            # The reference's head is a torch Linear initialised as BERT's (N(0, 0.02)).
+            self.head = (param(HEAD_KERNEL, nn.initializers.normal(0.02),
+                               (cfg.d_model, spec.head_classes()), (None, None)),
+                         param(HEAD_BIAS, nn.initializers.zeros, (spec.head_classes(),),
+                               (None,)))
+
+    def __call__(self) -> Array:
+        if self.spec.projection_hidden == 0:
+            return self.embedding
+        kernel_0, bias_0, kernel_1, bias_1 = self.projection
+        return jnp.tanh(self.embedding @ kernel_0 + bias_0) @ kernel_1 + bias_1
+
+    def classify(self, pooled: Array) -> Array:
+        """The classification head: pooled encoder outputs [B, E] -> logits [B, C] float32."""
+        kernel, bias = self.head
+        return pooled.astype(jnp.float32) @ kernel + bias
 
 
 def split_prefixes(matrix: Array, spec: DeepPromptSpec, config: T5Config
@@ -183,6 +239,15 @@ def init_params(spec: DeepPromptSpec, config: T5Config, rng: Array) -> dict[str,
     return jax.tree.map(np.asarray, nn.unbox(params))
 
 
+def head_of(spec: DeepPromptSpec, params: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The classification head's (kernel [E, C], bias [C]) float32 of the `deep_prompt`
+    params, or None for a spec without one."""
+    if not spec.classification_head:
+        return None
+    return (np.asarray(params[HEAD_KERNEL], np.float32), np.asarray(params[HEAD_BIAS],
+                                                                   np.float32))
+
+
 def params_for(matrix: np.ndarray) -> dict[str, np.ndarray]:
     """The `deep_prompt` params of an inference spec (no projection) holding `matrix`."""
     return {EMBEDDING: np.asarray(matrix, np.float32)}
@@ -192,20 +257,33 @@ def params_for(matrix: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def save_deep_prompt(path: str, spec: DeepPromptSpec, config: T5Config,
-                     matrix: np.ndarray) -> None:
+                     matrix: np.ndarray, head: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> None:
     """Write a deep prompt `.npz` (no pickle): `method` (str), `embedding` [N, S*2*H*D]
     float32, `layers` (p_tuning_v2's encoder layers; for prefix_tuning PEFT's
-    0..num_layers-1), `num_heads`, `d_kv`. Atomic."""
+    0..num_layers-1), `num_heads`, `d_kv`; with a classification head also `head_kernel`
+    [E, C] and `head_bias` [C] (`head_of`). Atomic."""
     matrix = np.asarray(matrix, np.float32)
     expected = (spec.length, spec.width(config))
     if matrix.shape != expected:
         raise ValueError(f"{path}: refusing to save deep prompt of shape {matrix.shape}, "
                          f"expected {expected}")
+    if (head is not None) != spec.classification_head:
+        raise ValueError(f"{path}: a classification head's weights go with "
+                         "DeepPromptSpec.classification_head=True, and only there")
     layers = spec.layer_indices(config) if spec.method == "p_tuning_v2" else range(
         config.num_encoder_layers)
     arrays = {"method": np.array(spec.method), "embedding": matrix,
               "layers": np.asarray(list(layers), np.int64),
               "num_heads": np.array(config.num_heads), "d_kv": np.array(config.d_kv)}
+    if head is not None:
+        kernel, bias = (np.asarray(a, np.float32) for a in head)
+        if kernel.shape != (config.d_model, spec.head_classes()) or bias.shape != (
+                spec.head_classes(),):
+            raise ValueError(f"{path}: refusing to save a head of shapes {kernel.shape}, "
+                             f"{bias.shape}, expected ({config.d_model}, "
+                             f"{spec.head_classes()}), ({spec.head_classes()},)")
+        arrays.update({HEAD_KERNEL: kernel, HEAD_BIAS: bias})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(tmp):
@@ -237,6 +315,12 @@ def load_deep_prompt(path: str, config: T5Config) -> tuple[DeepPromptSpec, np.nd
     """(inference spec, matrix [N, S*2*H*D] float32) from a `save_deep_prompt` file, checked
     against `config`; raises naming the file and the field, expected vs found."""
     found = read_deep_prompt(path)
+    if HEAD_KERNEL in found or HEAD_BIAS in found:
+        # Not silently dropped: without its head this file would classify with the decoder.
+        raise ValueError(f"{path}: a P-tuning v2 deep prompt with a classification head "
+                         f"({HEAD_KERNEL}, {HEAD_BIAS}); eval, infer and serve do not load "
+                         "heads yet. The run's metrics.jsonl and best.json hold its "
+                         "validation head_accuracy")
     for field, want in (("num_heads", config.num_heads), ("d_kv", config.d_kv)):
         if int(found[field]) != want:
             raise ValueError(f"{path}: {field} is {int(found[field])}, expected {want} "

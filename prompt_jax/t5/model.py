@@ -338,6 +338,16 @@ class T5(nn.Module):
                             deterministic=not enable_dropout, decode=decode,
                             kv_prefixes=self._kv_prefixes("decoder"))
 
+    def classify(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+        """P-tuning v2's classification head (`DeepPromptSpec.classification_head`): the
+        encoder's outputs averaged over its real positions (mask > 0), through the head ->
+        logits [B, C] float32. The decoder takes no part."""
+        encoded, mask = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+        weights = (mask > 0).astype(jnp.float32)[..., None]
+        pooled = (encoded.astype(jnp.float32) * weights).sum(1) / jnp.maximum(
+            weights.sum(1), 1.0)
+        return self.deep_prompt.classify(pooled)
+
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  decoder_target_tokens: Array | None = None, enable_dropout: bool = False,
                  prefix_embeddings: Array | None = None, prefix_mask: Array | None = None
