@@ -89,10 +89,8 @@ def head_loss(model: T5, params: Any, batch: Batch, label_tokens: np.ndarray,
                          method=model.classify)
     labels = verbalizers.batch_labels(batch["decoder_target_tokens"], label_tokens)
     valid = labels >= 0
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    gold = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
-    objective = -jnp.sum(jnp.where(valid, gold, 0.0))
     rows = valid.sum().astype(jnp.float32)
+    objective = verbalizers.pet_loss(logits, labels) * rows  # the same cross-entropy, summed
     correct = jnp.sum(valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.float32)
     return objective, {"loss": objective / jnp.maximum(rows, 1.0), "objective": objective,
                        "z_loss": jnp.zeros((), jnp.float32), "num_tokens": rows,
