@@ -75,6 +75,8 @@ SCALES = {
     # The in-house tiny T5 on SuperGLUE RTE: short runs that finish on 2 CPU cores.
     "cpu": Scale(("inhouse_tiny",), ("super_glue_rte",), 300, 16, 100, 128, (0,), "inhouse_tiny"),
 }
+# P-tuning v2 without and with its classification head (gin_configs/methods/<name>.gin).
+DEEP_METHODS = ("p_tuning_v2", "p_tuning_v2_head")
 # Figure 1's in-house ladder (sizes in prompt_jax/t5/config.py SIZES).
 CPU_SIZES = ("inhouse_mini", "inhouse_tiny")
 
@@ -245,11 +247,17 @@ class Sweep:
     def tuning_job(self, size: str, checkpoint: str, task: str, *, tuning: str = "prompt",
                    prompt_length: int = 100, init: str = "class_labels", seed: int = 0,
                    extra: Sequence[str] = ()) -> Job:
-        """A prompt-tuning (runs/prompt_finetune.gin) or model-tuning
-        (runs/model_finetune.gin) train run on one task. Its name is made of its settings
-        (not of the script asking), so that scripts share the runs they have in common."""
+        """A prompt-tuning (runs/prompt_finetune.gin), model-tuning (runs/model_finetune.gin)
+        or P-tuning v2 (`tuning` one of DEEP_METHODS: runs/prompt_finetune.gin, then
+        methods/<tuning>.gin; no input prompt) train run on one task. Its name is made of its
+        settings (not of the script asking), so that scripts share the runs they have in
+        common."""
         short = task.removeprefix("super_glue_")
-        if tuning == "prompt":
+        if tuning in DEEP_METHODS:
+            name = f"{tuning}-{size}-{short}-s{seed}"
+            files = ("runs/prompt_finetune.gin", f"methods/{tuning}.gin")
+            prompt_length, length = 0, []
+        elif tuning == "prompt":
             labels = class_labels(task) if init == "class_labels" else ()
             if labels is None:  # free-text targets (ReCoRD, WSC): the paper's fallback
                 init, labels = "sampled_vocab", ()
@@ -258,10 +266,13 @@ class Sweep:
             length = [f"--gin.PROMPT_LENGTH={prompt_length}"]
             if len(labels) > prompt_length:  # as the reference: the first P labels only
                 length.append(f"--gin.PromptInit.labels={gin_str(labels[:prompt_length])}")
-        else:
+        elif tuning == "model":
             name = f"model-{size}-{short}-s{seed}"
             files = ("runs/model_finetune.gin",)
             prompt_length, length = 0, []
+        else:
+            raise ValueError(f"tuning={tuning!r}: one of prompt, model, "
+                             + ", ".join(DEEP_METHODS))
         return self.job("train", name, size, files, task, checkpoint, (
             *length, f"--gin.TASK_FEATURE_LENGTHS={self.lengths(task, prompt_length)}",
             f"--gin.TRAIN_STEPS={self.steps}", f"--gin.BATCH_SIZE={self.batch_size}",
@@ -401,8 +412,11 @@ def run_variants(sweep: Sweep, variants: Mapping[str, Variant]) -> Results:
                     metrics = {k: v for k, v in read_best(model_dir)["metrics"].items()
                                if not is_loss(k) and k not in DIAGNOSTICS}
                     last = final_eval(model_dir)
-                    results.diagnostics.setdefault((label, size, task), []).append(
-                        {k: v for k, v in last.items() if is_loss(k) or k in DIAGNOSTICS})
+                    diagnostics = {k: v for k, v in last.items()
+                                   if is_loss(k) or k in DIAGNOSTICS}
+                    if "head_accuracy" in last:  # its loss is per example, not per token
+                        diagnostics["head_loss"] = diagnostics.pop("loss")
+                    results.diagnostics.setdefault((label, size, task), []).append(diagnostics)
                     results.metric_names[task] = list(metrics)
                     per_task[task] = metrics
                     results.by_task.setdefault((label, size, task), []).append(

@@ -83,6 +83,14 @@ def test_commands_are_the_users_gin_configs(tmp_path):
     model = sweep.tuning_job("inhouse_tiny", "/m", "super_glue_rte", tuning="model").argv(None)
     assert "--gin_file=runs/model_finetune.gin" in model
     assert not any(a.startswith("--gin.PROMPT_LENGTH") for a in model)
+    deep = sweep.tuning_job("inhouse_tiny", "/m", "super_glue_rte",
+                            tuning="p_tuning_v2_head").argv(None)
+    assert deep[3:5] == ["--gin_file=runs/prompt_finetune.gin",  # the method's file last
+                         "--gin_file=methods/p_tuning_v2_head.gin"]
+    assert "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 8}" in deep  # no prompt
+    assert not any(a.startswith("--gin.PROMPT_LENGTH") for a in deep)
+    with pytest.raises(ValueError, match="tuning='p_tuning'"):
+        sweep.tuning_job("inhouse_tiny", "/m", "super_glue_rte", tuning="p_tuning")
     assert shell_arg("--gin.MODEL_DIR='/a b'") == "--gin.MODEL_DIR=\"'/a b'\""
     assert short_path(f"--gin.MODEL_DIR='{REPO_ROOT}/runs/a'") == "--gin.MODEL_DIR='runs/a'"
     assert short_path(REPO_ROOT.parent / "shared") == "../shared"
