@@ -417,7 +417,8 @@ def run_variants(sweep: Sweep, variants: Mapping[str, Variant]) -> Results:
                     if "head_accuracy" in last:  # its loss is per example, not per token
                         diagnostics["head_loss"] = diagnostics.pop("loss")
                     results.diagnostics.setdefault((label, size, task), []).append(diagnostics)
-                    results.metric_names[task] = list(metrics)
+                    if "head_accuracy" not in metrics:  # the task's own metrics name the cells
+                        results.metric_names[task] = list(metrics)
                     per_task[task] = metrics
                     results.by_task.setdefault((label, size, task), []).append(
                         task_score(metrics))
