@@ -229,16 +229,19 @@ def data_arg(data_dir):
     return f"--gin.prompt_jax.tasks.data_paths.data_dir='{data_dir}'"
 
 
+RTE = "--gin.MIXTURE_OR_TASK_NAME='super_glue_rte'"  # the task of `rte_dir` (the demo's is SST-2)
+
+
 def test_data_directory_missing_a_split(tmp_path, capsys):
     data = rte_dir(tmp_path, splits=("train",))
-    rc, _, err = run(capsys, *train_args(tmp_path / "run"), data_arg(data))
+    rc, _, err = run(capsys, *train_args(tmp_path / "run"), data_arg(data), RTE)
     assert_one_line_error(rc, err, r"RTE/val\.jsonl: no such file",
                           r"super_glue/RTE/\{train,val,test\}\.jsonl")
 
 
 def test_malformed_jsonl_line(tmp_path, capsys):
     data = rte_dir(tmp_path, edit=lambda s, lines: lines[:2] + ["{not json\n"] + lines[3:])
-    rc, _, err = run(capsys, *train_args(tmp_path / "run"), data_arg(data))
+    rc, _, err = run(capsys, *train_args(tmp_path / "run"), data_arg(data), RTE)
     assert_one_line_error(rc, err, r"RTE/(train|val)\.jsonl:3: ")
 
 
@@ -257,7 +260,7 @@ def test_malformed_tsv_line(tmp_path, capsys):
 
 def test_empty_split(tmp_path, capsys):
     data = rte_dir(tmp_path, edit=lambda s, lines: [] if s == "train" else lines)
-    rc, _, err = run(capsys, *train_args(tmp_path / "run"), data_arg(data))
+    rc, _, err = run(capsys, *train_args(tmp_path / "run"), data_arg(data), RTE)
     assert_one_line_error(rc, err, r"RTE/train\.jsonl: the train split of rte "
                                    r"holds no example")
 
@@ -268,7 +271,7 @@ def test_long_inputs_are_truncated_and_reported_once(tmp_path, capsys):
     # TASK_FEATURE_LENGTHS['inputs'] = 48 is the text's budget (the 4 prompt positions
     # come on top).
     reports = [line for line in out.splitlines() if "inputs truncated to 48 tokens" in line]
-    assert len(reports) == 1 and re.match(r"train: \d+ of 1000 inputs truncated", reports[0])
+    assert len(reports) == 1 and re.match(r"train: \d+ of 8000 inputs truncated", reports[0])
 
 
 # ------------------------------------------------------------------------ run settings

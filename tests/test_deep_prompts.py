@@ -179,9 +179,9 @@ def _ours(config, params, matrix=None):
     return np.asarray(model.apply({"params": full}, enc, dec, tgt))
 
 
-def _assert_close(ours, ref):
+def _assert_close(ours, ref, atol=1e-4):
     valid = _batch()[2] > 0
-    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=atol, rtol=1e-4)
 
 
 def _peft_prefix_model(path, **options):
@@ -251,7 +251,10 @@ def test_prefix_projection_equals_peft(hf_t5, tmp_path):
     enc, dec, tgt = _batch()
     ours = np.asarray(T5(config, deep_prompt_spec=spec).apply(
         {"params": {**params, "deep_prompt": deep}}, enc, dec, tgt))
-    _assert_close(ours, _peft_logits(made))
+    # The projection's MLP output feeds every layer: on a loaded 2-core machine a few of
+    # 1,560 logits differed from PEFT's by up to 1.7e-4 (within 1e-4 alone); a layout error
+    # is O(1).
+    _assert_close(ours, _peft_logits(made), atol=5e-4)
     made.save_pretrained(str(tmp_path / "projected"))
     saved = peft_files.load_peft_prefix(str(tmp_path / "projected"), config)
     np.testing.assert_allclose(deep_prompts.deep_prompt_matrix(spec, config, deep), saved,

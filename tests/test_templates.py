@@ -262,7 +262,7 @@ def test_free_text_tasks_and_mixtures_are_refused():
 
 def test_cli_reports_a_bad_template_and_a_wrong_prompt_length(tmp_path, capsys):
     args = ["train", f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=2",
-            "--gin.EVAL_PERIOD=2"]
+            "--gin.EVAL_PERIOD=2", "--gin.MIXTURE_OR_TASK_NAME='super_glue_rte'"]
     rc, _, err = run(capsys, *args, "--gin.task_templates.templates="
                      "{'super_glue_rte': '{soft:4} {premis}'}")
     assert_one_line_error(rc, err, "task super_glue_rte", r"'\{soft:4\} \{premis\}'",

@@ -224,7 +224,7 @@ def test_train_with_pet_and_eval_reports_verbalizer_accuracy(tmp_path, capsys):
     from prompt_jax.model_dir import read_metrics
 
     model_dir = tmp_path / "run"
-    words = "{'super_glue_rte': (('yes', 'true'), ('no',))}"
+    words = "{'glue_sst2': (('bad', 'awful'), ('good',))}"  # the demo's task
     rc, out, err = run(capsys, "train", "--gin_file=demo.gin", f"--gin.MODEL_DIR='{model_dir}'",
                        "--gin.TRAIN_STEPS=2", "--gin.EVAL_PERIOD=2", "--gin.train.log_period=1",
                        "--gin.INITIAL_CHECKPOINT=None", "--gin.ModelSpec.size='tiny'",
@@ -249,17 +249,17 @@ def test_train_with_pet_and_eval_reports_verbalizer_accuracy(tmp_path, capsys):
     config, frozen = build.load_frozen(build.ModelSpec(size="tiny", dropout_rate=0.0), None,
                                        str(model_dir), 0)
     prompt = np.load(model_dir / "best_prompt.npy")
-    task = seqio.get_mixture_or_task("super_glue_rte")
+    task = seqio.get_mixture_or_task("glue_sst2")
     examples = list(task.get_dataset({"inputs": 512, "targets": 8}, split="validation",
                                      shuffle=False).take(12).as_numpy_iterator())
     enc = np.zeros((12, max(len(e["inputs"]) for e in examples)), np.int32)
     for row, e in zip(enc, examples, strict=True):
         row[: len(e["inputs"])] = e["inputs"]
-    labels = rank_classification.candidates("super_glue_rte", 8).labels
+    labels = rank_classification.candidates("glue_sst2", 8).labels
     gold = [rank_classification.gold_label(e["targets_pretokenized"], labels)
             for e in examples]
     vocab = task.output_features["targets"].vocabulary
-    targets = verbalizers.tokenize_words((("yes", "true"), ("no",)), vocab, 8)
+    targets = verbalizers.tokenize_words((("bad", "awful"), ("good",)), vocab, 8)
     choice, _ = verbalizers.classify(T5(config, prompt_length=4), unflatten(
         {**flatten(frozen), PROMPT_PATH: prompt}), jnp.asarray(enc), targets)
     by_hand = 100.0 * np.mean(np.asarray(choice) == np.asarray(gold))
