@@ -204,8 +204,9 @@ class Served:
     frozen: dict[str, Any]
     prompts: dict[str, np.ndarray]  # name -> [P, E] float32, in the order given
     sources: dict[str, str]  # name -> the file each prompt came from
-    # Key/value prefixes (methods/deep_prompts.py): (inference spec, matrix), its file.
-    deep_prompt: tuple[Any, np.ndarray] | None = None
+    # Key/value prefixes (methods/deep_prompts.py): (inference spec, matrix, P-tuning v2's
+    # classification head or None), its file.
+    deep_prompt: tuple[Any, np.ndarray, Any] | None = None
     deep_prompt_source: str | None = None
 
     def model(self, prompt_length: int = 0) -> Any:
@@ -216,12 +217,25 @@ class Served:
         return T5(self.config, prompt_length=prompt_length, deep_prompt_spec=spec)
 
     def with_deep_prompt(self, flat_params: dict[str, Any]) -> dict[str, Any]:
-        """`flat_params` (path -> array) plus the deep prompt's matrix, if any."""
+        """`flat_params` (path -> array) plus the deep prompt's matrix (and head), if any."""
         from prompt_jax.methods import deep_prompts
 
         if not self.deep_prompt:
             return flat_params
-        return deep_prompts.with_matrix(flat_params, self.deep_prompt[1])
+        return deep_prompts.with_matrix(flat_params, *self.deep_prompt[1:])
+
+    def head_task(self, task_name: str | None) -> bool:
+        """Whether the deep prompt has a classification head; if so `task_name` must be a
+        task with as many classes (a clear error naming the file otherwise)."""
+        from prompt_jax.methods import deep_prompts
+
+        if not self.deep_prompt or self.deep_prompt[2] is None:
+            return False
+        if not task_name:
+            raise ValueError(f"{self.deep_prompt_source}: a classification head labels the "
+                             "rows of one classification task; set MIXTURE_OR_TASK_NAME")
+        deep_prompts.check_head_task(self.deep_prompt[0], task_name, self.deep_prompt_source)
+        return True
 
 
 def default_prompt_file(initial_checkpoint: str | None, model_dir: str | None) -> str | None:

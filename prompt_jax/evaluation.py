@@ -296,6 +296,7 @@ def evaluate(*, mixture_or_task_name: str = gin.REQUIRED,
         flat[PROMPT_PATH] = prompt
         prompt_length, prompt_file = prompt.shape[0], served.sources[name]
     prompt_file = ", ".join(filter(None, [prompt_file, served.deep_prompt_source])) or None
+    served.head_task(mixture_or_task_name)  # a head's class count is the task's
     from prompt_jax.methods import templates
 
     # With a template's soft tokens the prompt's rows go there (methods/templates.py).

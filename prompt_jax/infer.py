@@ -117,6 +117,8 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
                              f"infer.prompt_files_by_task (has {sorted(by_task)})")
     predict = _ensemble_predictions if len(served.prompts) > 1 and not by_task \
         else _predictions
+    if served.head_task(mixture_or_task_name):  # P-tuning v2's classification head
+        predict = _head_predictor(served, model, mixture_or_task_name, examples, input_file)
     max_len = decoding_spec.max_decode_length or task_feature_lengths["targets"]
     # The prompts, left-padded into one array once: (names, prompts [N, P, E], mask [N, P]).
     packed = (list(served.prompts), *serving.pack_prompts(list(served.prompts.values()))) \
@@ -163,6 +165,37 @@ def _predictions(model, params, tokens, chunk, packed, max_len, spec, vocab):
         prefix, mask = serving.mixed_batch_prefix(prompts, prompts_mask, index)
     out, scores = _decode(model, params, tokens, max_len, prefix, mask, spec)
     return [_record(e, vocab, out[i], float(scores[i])) for i, e in enumerate(chunk)]
+
+
+def _head_predictor(served: build.Served, model: Any, task_name: str,
+                    examples: Sequence[Example], input_file: str | None):
+    """Predictions of a deep prompt's classification head: each row's class (the task's
+    label string, as the decoder would write it) from the head's logits, its log-probability
+    as `score` and every class's as `class_log_probs`; the decoder takes no part."""
+    from prompt_jax import tasks
+
+    source = served.deep_prompt_source
+    if served.prompts:
+        raise ValueError(f"{source}: a classification head classifies with its deep prompt "
+                         f"alone; infer it without soft prompts (got "
+                         f"{', '.join(served.sources.values())})")
+    other = sorted({e.task for e in examples if e.task and e.task != task_name})
+    if other:
+        raise ValueError(f"{input_file}: rows of task(s) {other}; {source}'s classification "
+                         f"head labels {task_name} rows only")
+    labels = tasks.class_labels(task_name)
+    classify = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens,
+                                                          method=model.classify))
+
+    def predict(model, params, tokens, chunk, packed, max_len, spec, vocab):
+        logits = np.asarray(jax.device_get(classify(params, tokens)), np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        choices = logp.argmax(-1)
+        return [_row(e, labels[choices[i]], float(logp[i, choices[i]]), {
+            "class_log_probs": dict(zip(labels, map(float, logp[i]), strict=True))})
+            for i, e in enumerate(chunk)]
+
+    return predict
 
 
 def _ensemble_predictions(model, params, tokens, chunk, packed, max_len, spec, vocab):
@@ -212,7 +245,11 @@ def _text(vocab, tokens) -> str:
 
 
 def _record(e: Example, vocab, tokens, score, extra=None) -> dict[str, Any]:
-    r = {"inputs": e.inputs, "prediction": _text(vocab, tokens)}
+    return _row(e, _text(vocab, tokens), score, extra)
+
+
+def _row(e: Example, prediction: str, score, extra=None) -> dict[str, Any]:
+    r = {"inputs": e.inputs, "prediction": prediction}
     if score is not None:
         r["score"] = score
     if e.task:

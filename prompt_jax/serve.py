@@ -956,6 +956,11 @@ def load_service(*, initial_checkpoint: str | None, model: build.ModelSpec = bui
     if deep:
         (deep_name, deep_source), = deep.items()
         deep_prompt = deep_prompts.load_deep_prompt_artifact(deep_source, config)
+        if deep_prompt[2] is not None:
+            raise ValueError(f"{deep_source}: a P-tuning v2 deep prompt with a classification "
+                             "head; serve's endpoints generate and rank the decoder's words, "
+                             "which the head replaces. Classify with `prompt-jax eval` or "
+                             "`prompt-jax infer` (MIXTURE_OR_TASK_NAME, PROMPT_FILE)")
         host = unflatten(deep_prompts.with_matrix(dict(flatten(frozen)), deep_prompt[1]))
     mesh = partitioning.make_mesh(mesh_shape)
     deep_spec = deep_prompt[0] if deep_prompt else None

@@ -375,7 +375,9 @@ def test_p_tuning_v2_trains_only_its_prefixes_and_reloads_exactly(projection_hid
     full = optim.merge_params(state.trainable, frozen)
     matrix = deep_prompts.deep_prompt_matrix(spec, V2_CONFIG, full["deep_prompt"])
     deep_prompts.save_deep_prompt(str(tmp_path / "d.npz"), spec, V2_CONFIG, matrix)
-    loaded_spec, loaded = deep_prompts.load_deep_prompt(str(tmp_path / "d.npz"), V2_CONFIG)
+    loaded_spec, loaded, head = deep_prompts.load_deep_prompt(str(tmp_path / "d.npz"),
+                                                               V2_CONFIG)
+    assert head is None
     assert loaded_spec == spec.for_inference()
     served = {**{k: v for k, v in full.items() if k != "deep_prompt"},
               "deep_prompt": deep_prompts.params_for(loaded)}
@@ -450,7 +452,8 @@ def test_prefix_tuning_demo_run_eval_export_and_peft_prompt_file(tmp_path, capsy
     assert not (run_dir / "best_prompt.npy").exists()
     best = json.loads((run_dir / "best.json").read_text())["metrics"]["loss"]
     config, params = prompt_jax.load_checkpoint(_demo_t5())
-    spec, matrix = deep_prompts.load_deep_prompt(str(run_dir / "best_deep_prompt.npz"), config)
+    spec, matrix, _ = deep_prompts.load_deep_prompt(str(run_dir / "best_deep_prompt.npz"),
+                                                    config)
     assert spec.method == "prefix_tuning" and matrix.shape[0] == 4
 
     rc, _, err = run(capsys, "eval", "--gin_file=demo_eval.gin", f"--gin.MODEL_DIR='{run_dir}'",

@@ -1,12 +1,14 @@
 """P-tuning v2's classification head (methods/p_tuning_v2_head.gin): its logits are the
 mean-pooled encoder outputs through a linear layer, computed by hand here; its loss is the
 cross-entropy of each labelled row's class, by hand, with microbatches adding up to the
-batch; it trains with the prefixes while T5 stays frozen; its files hold the head and are
-refused (not silently read without it) by eval; bad settings fail naming the setting.
+batch; it trains with the prefixes while T5 stays frozen; its files hold the head, and eval
+and infer classify with it (never without it), infer's predictions the same as eval's; serve
+refuses such files; bad files and settings fail naming the file or setting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -102,23 +104,72 @@ def test_head_loss_is_the_labelled_rows_cross_entropy_and_microbatches_add_up():
         assert not np.allclose(np.asarray(value), np.asarray(optim.flatten(trainable)[path]))
 
 
-def test_head_files_hold_the_head_and_eval_refuses_them(tmp_path):
+def _head_file(tmp_path, edit=None):
+    """A head file of `_model()`'s deep prompt (its arrays changed by `edit(arrays)`)."""
     model, params = _model()
     matrix = deep_prompts.deep_prompt_matrix(SPEC, CONFIG, params["deep_prompt"])
     path = tmp_path / "d.npz"
-    head = deep_prompts.head_of(SPEC, params["deep_prompt"])
-    deep_prompts.save_deep_prompt(str(path), SPEC, CONFIG, matrix, head=head)
+    deep_prompts.save_deep_prompt(str(path), SPEC, CONFIG, matrix,
+                                  head=deep_prompts.head_of(SPEC, params["deep_prompt"]))
+    if edit is not None:
+        with np.load(path) as f:
+            arrays = dict(f)
+        edit(arrays)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    return path, model, params
+
+
+def test_head_files_hold_the_head_and_load_with_it(tmp_path):
+    path, model, params = _head_file(tmp_path)
     with np.load(path) as f:
         np.testing.assert_array_equal(f["head_kernel"], params["deep_prompt"]["head_kernel"])
         np.testing.assert_array_equal(f["head_bias"], params["deep_prompt"]["head_bias"])
-    with pytest.raises(ValueError, match=r"d.npz: a P-tuning v2 deep prompt with a "
-                                         r"classification head"):
-        deep_prompts.load_deep_prompt(str(path), CONFIG)
+    spec, matrix, head = deep_prompts.load_deep_prompt(str(path), CONFIG)
+    assert spec == dataclasses.replace(SPEC, layers=(0, 1))  # head True, num_classes 2
+    # The loaded model classifies as the trained one does, against the logits by hand.
+    loaded = T5(CONFIG, deep_prompt_spec=spec)
+    flat = deep_prompts.with_matrix(
+        {k: v for k, v in optim.flatten(params).items() if not k.startswith("deep_prompt/")},
+        matrix, head)
+    tokens = _batch(np.random.default_rng(1))["encoder_input_tokens"]
+    logits = loaded.apply({"params": optim.unflatten(flat)}, tokens, method=T5.classify)
+    np.testing.assert_allclose(np.asarray(logits), _hand_logits(model, params, tokens),
+                               atol=1e-5)
     with pytest.raises(ValueError, match=r"refusing to save a head of shapes \(64, 3\)"):
         deep_prompts.save_deep_prompt(str(path), SPEC, CONFIG, matrix,
                                       head=(np.zeros((64, 3)), np.zeros(3)))
     with pytest.raises(ValueError, match="classification head's weights go with"):
         deep_prompts.save_deep_prompt(str(path), SPEC, CONFIG, matrix)
+
+
+def _set(name, value):
+    return lambda arrays: arrays.__setitem__(name, value)
+
+
+def _nan_kernel(arrays):
+    arrays["head_kernel"] = arrays["head_kernel"].copy()
+    arrays["head_kernel"][3, 1] = np.nan
+
+
+HEAD_FILE_REFUSALS = [
+    (lambda a: a.pop("head_bias"), r"d.npz: head_kernel without head_bias"),
+    (lambda a: a.pop("head_kernel"), r"d.npz: head_bias without head_kernel"),
+    (_set("head_kernel", np.zeros((32, 2), np.float32)),
+     r"d.npz: head_kernel has shape \(32, 2\), expected \(64, C\)"),
+    (_set("head_kernel", np.zeros((64, 1), np.float32)), r"C >= 2 classes"),
+    (_set("head_bias", np.zeros(3, np.float32)),
+     r"d.npz: head_bias has shape \(3,\), expected \(2,\)"),
+    (_nan_kernel, r"d.npz: head_kernel holds 1 NaN/inf values"),
+    (_set("method", np.array("prefix_tuning")), r"classification head with method prefix_tuning"),
+]
+
+
+@pytest.mark.parametrize("edit, match", HEAD_FILE_REFUSALS)
+def test_damaged_head_files_are_refused_naming_the_field(tmp_path, edit, match):
+    path, _, _ = _head_file(tmp_path, edit)
+    with pytest.raises(ValueError, match=match):
+        deep_prompts.load_deep_prompt(str(path), CONFIG)
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -146,11 +197,13 @@ def test_head_needs_a_classification_task():
         _model(spec)
 
 
-def test_head_run_on_the_demo_and_its_refusals(tmp_path, capsys):
+def test_head_run_on_the_demo_then_eval_and_infer_classify_with_its_head(tmp_path, capsys):
     """`prompt-jax train` with methods/p_tuning_v2_head.gin on the bundled SST-2 slice: the
     eval lines carry the head's accuracy and loss (what best.json keeps), the files hold the
-    head; `prompt-jax eval` of the run refuses its file in one line; PET beside the head is
-    refused before anything is written."""
+    head. `prompt-jax eval` of the run's best file gives best.json's numbers; `infer` writes
+    the head's classes with their log-probabilities, whose accuracy is eval's; a task with
+    another class count and `serve` are refused in one line; PET beside the head is refused
+    before anything is written."""
     run_dir = tmp_path / "run"
     settings = [*DEMO, "--gin.MIXTURE_OR_TASK_NAME='glue_sst2'",
                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 4}"]
@@ -167,8 +220,35 @@ def test_head_run_on_the_demo_and_its_refusals(tmp_path, capsys):
     with np.load(run_dir / "best_deep_prompt.npz") as f:
         assert f["head_kernel"].shape == (64, 2) and f["head_bias"].shape == (2,)
 
+    rc, out, err = run(capsys, "eval", "--gin_file=demo_eval.gin", *DEMO[1:],
+                       f"--gin.MODEL_DIR='{run_dir}'", "--gin.MIXTURE_OR_TASK_NAME='glue_sst2'")
+    assert rc == 0, err
+    measured = json.loads((run_dir / "eval_validation.json").read_text())["metrics"]
+    assert set(measured) == {"head_accuracy", "loss"}, measured
+    for name in ("head_accuracy", "loss"):
+        assert measured[name] == pytest.approx(best["metrics"][name], rel=1e-6), name
+
+    rc, out, err = run(capsys, "infer", "--gin_file=demo_infer.gin",
+                       f"--gin.MODEL_DIR='{run_dir}'", "--gin.MIXTURE_OR_TASK_NAME='glue_sst2'",
+                       "--gin.infer.max_examples=24")
+    assert rc == 0, err
+    records = [json.loads(line) for line in
+               (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 24
+    for r in records:
+        probs = r["class_log_probs"]
+        assert set(probs) == {"negative", "positive"} and r["prediction"] in probs
+        assert r["score"] == max(probs.values()) == probs[r["prediction"]]
+        assert np.logaddexp.reduce(list(probs.values())) == pytest.approx(0.0, abs=1e-9)
+    accuracy = 100.0 * np.mean([r["prediction"] == r["targets"] for r in records])
+    assert accuracy == pytest.approx(measured["head_accuracy"], abs=1e-9)
+    assert f"glue_sst2 validation: accuracy={accuracy:.4g}" in out
+
     rc, _, err = run(capsys, "eval", "--gin_file=demo_eval.gin", f"--gin.MODEL_DIR='{run_dir}'",
-                     "--gin.MIXTURE_OR_TASK_NAME='glue_sst2'")
+                     "--gin.MIXTURE_OR_TASK_NAME='super_glue_cb'")
+    assert_one_line_error(rc, err, r"best_deep_prompt.npz: a classification head of 2 classes; "
+                                   r"super_glue_cb has 3")
+    rc, _, err = run(capsys, "serve", "--gin_file=demo_serve.gin", f"--gin.MODEL_DIR='{run_dir}'")
     assert_one_line_error(rc, err, "best_deep_prompt.npz: a P-tuning v2 deep prompt with a "
                                    "classification head")
 

@@ -311,16 +311,16 @@ def read_deep_prompt(path: str) -> dict[str, np.ndarray]:
     return found
 
 
-def load_deep_prompt(path: str, config: T5Config) -> tuple[DeepPromptSpec, np.ndarray]:
-    """(inference spec, matrix [N, S*2*H*D] float32) from a `save_deep_prompt` file, checked
-    against `config`; raises naming the file and the field, expected vs found."""
+Head = tuple[np.ndarray, np.ndarray]  # P-tuning v2's classification head: (kernel, bias)
+
+
+def load_deep_prompt(path: str, config: T5Config
+                     ) -> tuple[DeepPromptSpec, np.ndarray, Head | None]:
+    """(inference spec, matrix [N, S*2*H*D] float32, head) from a `save_deep_prompt` file,
+    checked against `config`; raises naming the file and the field, expected vs found.
+    `head`: a P-tuning v2 classification head's (kernel [E, C], bias [C]) float32, the
+    spec's `classification_head` and `num_classes` set to match; None without one."""
     found = read_deep_prompt(path)
-    if HEAD_KERNEL in found or HEAD_BIAS in found:
-        # Not silently dropped: without its head this file would classify with the decoder.
-        raise ValueError(f"{path}: a P-tuning v2 deep prompt with a classification head "
-                         f"({HEAD_KERNEL}, {HEAD_BIAS}); eval, infer and serve do not load "
-                         "heads yet. The run's metrics.jsonl and best.json hold its "
-                         "validation head_accuracy")
     for field, want in (("num_heads", config.num_heads), ("d_kv", config.d_kv)):
         if int(found[field]) != want:
             raise ValueError(f"{path}: {field} is {int(found[field])}, expected {want} "
@@ -331,9 +331,12 @@ def load_deep_prompt(path: str, config: T5Config) -> tuple[DeepPromptSpec, np.nd
         raise ValueError(f"{path}: method is {method!r}, expected one of {', '.join(METHODS)}")
     if matrix.ndim != 2:
         raise ValueError(f"{path}: embedding has shape {matrix.shape}, expected [N, S*2*H*D]")
+    head = _read_head(path, found, method, config)
     try:
         spec = DeepPromptSpec(method, int(matrix.shape[0]),
-                              layers if method == "p_tuning_v2" else None)
+                              layers if method == "p_tuning_v2" else None,
+                              classification_head=head is not None,
+                              num_classes=0 if head is None else int(head[1].shape[0]))
         spec.placement(config)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
@@ -343,16 +346,65 @@ def load_deep_prompt(path: str, config: T5Config) -> tuple[DeepPromptSpec, np.nd
     expected = (spec.length, spec.width(config))
     if matrix.shape != expected:
         raise ValueError(f"{path}: embedding has shape {matrix.shape}, expected {expected}")
-    matrix = matrix.astype(np.float32)
-    if not np.isfinite(matrix).all():
-        raise ValueError(f"{path}: embedding holds "
-                         f"{int(matrix.size - np.isfinite(matrix).sum())} NaN/inf values")
-    return spec, matrix
+    return spec, _check_finite(path, EMBEDDING, matrix), head
 
 
-def with_matrix(flat_params: dict[str, Any], matrix: np.ndarray) -> dict[str, Any]:
-    """Flat params (path -> array) plus a deep prompt's matrix where the model reads it."""
-    return {**flat_params, f"{DEEP_PROMPT_PATH}/{EMBEDDING}": matrix}
+def _read_head(path: str, found: dict[str, np.ndarray], method: str, config: T5Config
+               ) -> Head | None:
+    """The file's classification head, checked (both fields, p_tuning_v2 only, shapes
+    [d_model, C] and [C] with C >= 2, finite), or None when it has none."""
+    present = [k for k in (HEAD_KERNEL, HEAD_BIAS) if k in found]
+    if not present:
+        return None
+    if len(present) == 1:
+        missing = HEAD_BIAS if present == [HEAD_KERNEL] else HEAD_KERNEL
+        raise ValueError(f"{path}: {present[0]} without {missing}; a classification head "
+                         f"holds both")
+    if method != "p_tuning_v2":
+        raise ValueError(f"{path}: a classification head with method {method}; only "
+                         "p_tuning_v2 has one")
+    kernel, bias = found[HEAD_KERNEL], found[HEAD_BIAS]
+    if kernel.ndim != 2 or kernel.shape[0] != config.d_model or kernel.shape[1] < 2:
+        raise ValueError(f"{path}: {HEAD_KERNEL} has shape {kernel.shape}, expected "
+                         f"({config.d_model}, C) with C >= 2 classes (the frozen model's "
+                         "d_model)")
+    if bias.shape != (kernel.shape[1],):
+        raise ValueError(f"{path}: {HEAD_BIAS} has shape {bias.shape}, expected "
+                         f"({kernel.shape[1]},) ({HEAD_KERNEL}'s class count)")
+    return _check_finite(path, HEAD_KERNEL, kernel), _check_finite(path, HEAD_BIAS, bias)
+
+
+def _check_finite(path: str, field: str, array: np.ndarray) -> np.ndarray:
+    """`array` as float32, or a ValueError naming the file, the field and the bad count."""
+    array = np.asarray(array).astype(np.float32)
+    bad = int(array.size - np.isfinite(array).sum())
+    if bad:
+        raise ValueError(f"{path}: {field} holds {bad} NaN/inf values")
+    return array
+
+
+def check_head_task(spec: DeepPromptSpec, task_name: str, source: str) -> None:
+    """A classification head can only label rows of a task with its number of classes:
+    raise naming `source` otherwise (nothing to check without a head)."""
+    if not spec.classification_head:
+        return
+    from prompt_jax import tasks
+
+    labels = tasks.class_labels(task_name)
+    if not labels or len(labels) != spec.num_classes:
+        found = f"{len(labels)} ({', '.join(labels)})" if labels else "no class labels"
+        raise ValueError(f"{source}: a classification head of {spec.num_classes} classes; "
+                         f"{task_name} has {found}")
+
+
+def with_matrix(flat_params: dict[str, Any], matrix: np.ndarray, head: Head | None = None
+                ) -> dict[str, Any]:
+    """Flat params (path -> array) plus a deep prompt's matrix (and classification head)
+    where the model reads them."""
+    out = {**flat_params, f"{DEEP_PROMPT_PATH}/{EMBEDDING}": matrix}
+    if head is not None:
+        out[f"{DEEP_PROMPT_PATH}/{HEAD_KERNEL}"], out[f"{DEEP_PROMPT_PATH}/{HEAD_BIAS}"] = head
+    return out
 
 
 def is_deep_prompt_artifact(path: str) -> bool:
@@ -364,8 +416,10 @@ def is_deep_prompt_artifact(path: str) -> bool:
     return (os.path.isfile(path) and path.endswith(".npz")) or peft.is_peft_prefix(path)
 
 
-def load_deep_prompt_artifact(path: str, config: T5Config) -> tuple[DeepPromptSpec, np.ndarray]:
-    """(inference spec, matrix) of a deep prompt .npz or a PEFT PREFIX_TUNING adapter."""
+def load_deep_prompt_artifact(path: str, config: T5Config
+                              ) -> tuple[DeepPromptSpec, np.ndarray, Head | None]:
+    """(inference spec, matrix, head) of a deep prompt .npz (`load_deep_prompt`) or a PEFT
+    PREFIX_TUNING adapter (no head)."""
     from prompt_jax.checkpoints import peft
 
     if peft.is_peft_prefix(path):
@@ -375,7 +429,7 @@ def load_deep_prompt_artifact(path: str, config: T5Config) -> tuple[DeepPromptSp
             spec.placement(config)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        return spec, matrix
+        return spec, matrix, None
     return load_deep_prompt(path, config)
 
 
