@@ -115,10 +115,7 @@ def infer(*, initial_checkpoint: str | None = gin.REQUIRED,
         if unknown:
             raise ValueError(f"{input_file}: examples of task(s) {unknown} have no prompt in "
                              f"infer.prompt_files_by_task (has {sorted(by_task)})")
-    predict = _ensemble_predictions if len(served.prompts) > 1 and not by_task \
-        else _predictions
-    if served.head_task(mixture_or_task_name):  # P-tuning v2's classification head
-        predict = _head_predictor(served, model, mixture_or_task_name, examples, input_file)
+    predict = _predictor(served, model, by_task, mixture_or_task_name, examples, input_file)
     max_len = decoding_spec.max_decode_length or task_feature_lengths["targets"]
     # The prompts, left-padded into one array once: (names, prompts [N, P, E], mask [N, P]).
     packed = (list(served.prompts), *serving.pack_prompts(list(served.prompts.values()))) \
@@ -165,6 +162,16 @@ def _predictions(model, params, tokens, chunk, packed, max_len, spec, vocab):
         prefix, mask = serving.mixed_batch_prefix(prompts, prompts_mask, index)
     out, scores = _decode(model, params, tokens, max_len, prefix, mask, spec)
     return [_record(e, vocab, out[i], float(scores[i])) for i, e in enumerate(chunk)]
+
+
+def _predictor(served: build.Served, model: Any, by_task: Mapping[str, str],
+               task_name: str | None, examples: Sequence[Example], input_file: str | None):
+    """How each batch is predicted: by P-tuning v2's classification head when the deep
+    prompt has one, by the majority vote of several prompts for one task, else decoded with
+    one prompt per row (each row its task's with `by_task`)."""
+    if served.head_task(task_name):
+        return _head_predictor(served, model, task_name, examples, input_file)
+    return _ensemble_predictions if len(served.prompts) > 1 and not by_task else _predictions
 
 
 def _head_predictor(served: build.Served, model: Any, task_name: str,

@@ -388,13 +388,13 @@ def check_head_task(spec: DeepPromptSpec, task_name: str, source: str) -> None:
     raise naming `source` otherwise (nothing to check without a head)."""
     if not spec.classification_head:
         return
-    from prompt_jax import tasks
-
-    labels = tasks.class_labels(task_name)
-    if not labels or len(labels) != spec.num_classes:
-        found = f"{len(labels)} ({', '.join(labels)})" if labels else "no class labels"
+    try:  # the width the train job would give a head for this task
+        wanted = spec.with_classes(task_name).num_classes
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if wanted != spec.num_classes:
         raise ValueError(f"{source}: a classification head of {spec.num_classes} classes; "
-                         f"{task_name} has {found}")
+                         f"{task_name} has {wanted}")
 
 
 def with_matrix(flat_params: dict[str, Any], matrix: np.ndarray, head: Head | None = None
