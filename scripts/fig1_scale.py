@@ -17,23 +17,29 @@ RTE.
 from __future__ import annotations
 
 from jobs import size_gin
+from pretrain_tiny import HELDOUT_SUMMARY
 from report import write_sweep
 from sweep import CPU_SIZES, Sweep, class_labels, parse, parser, run_variants
 
-from prompt_jax.model_dir import eval_results, read_json
+from prompt_jax.model_dir import read_json
 
 
 def heldout_losses(sweep: Sweep) -> list[str]:
-    """CPU scale: each in-house model's held-out span-corruption loss (pretrain_tiny.py)."""
+    """CPU scale: each in-house model's held-out losses (pretrain_tiny.py's summary)."""
     cells = []
     for size in sweep.sizes:
-        result = read_json(eval_results(sweep.pretrain_dir(size) / "eval_lm", "validation"))
-        if result:
-            cells.append(f"{size} {result['metrics']['loss']:.3f}")
+        summary = read_json(sweep.pretrain_dir(size) / HELDOUT_SUMMARY)
+        if summary:
+            final = summary["losses"]["+ LM adaptation"]
+            cells.append(f"{size} {final['span_corruption']:.3f} / {final['lm_adaptation']:.3f}"
+                         " (inputs/targets " + ", ".join(
+                             f"{n['inputs']}/{n['targets']}" for n in summary["lengths"].values())
+                         + ")")
     if not cells:
         return []
-    return ["Held-out span-corruption loss of each in-house model (cross-entropy per target "
-            "token; see REPORT.md beside each model): " + ", ".join(cells) + "."]
+    return ["Held-out span-corruption / LM-adaptation loss of each in-house model (cross-entropy "
+            "per target token, at the lengths given; see REPORT.md beside each model): "
+            + ", ".join(cells) + "."]
 
 
 def main(argv=None) -> None:

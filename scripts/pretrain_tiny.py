@@ -44,6 +44,7 @@ BUDGET_SPENT = 3  # exit status: a stage stopped early (time budget, signal); ru
 HELDOUT = {"span_corruption": {"inputs": 128, "targets": 32},
            "lm_adaptation": {"inputs": 128, "targets": 64}}
 HELDOUT_EXAMPLES = 512
+HELDOUT_SUMMARY = "heldout.json"  # in the work dir: {"lengths": ..., "losses": ...}
 # The encoder probe: a binary task of the demo's, its lengths, and how many training examples.
 PROBE_TASK, PROBE_LENGTHS, PROBE_EXAMPLES = "glue_sst2", {"inputs": 64, "targets": 4}, 8000
 # Beginnings the report completes greedily (LM adaptation's task: continue the text).
@@ -111,9 +112,10 @@ def stage(name: str, gin_file: str, model_dir: str, steps: int, batch: int, extr
 
 
 def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str],
-                 size: str = "inhouse_tiny", task: str = "span_corruption") -> float:
-    """`task`'s cross-entropy per target token on the held-out documents (HELDOUT lengths,
-    the first HELDOUT_EXAMPLES examples of the validation split)."""
+                 size: str = "inhouse_tiny", task: str = "span_corruption",
+                 lengths: dict[str, int] | None = None) -> float:
+    """`task`'s cross-entropy per target token on the held-out documents (at `lengths`,
+    default HELDOUT's; the first HELDOUT_EXAMPLES examples of the validation split)."""
     out = eval_results(model_dir, "validation")
     if not os.path.exists(out):
         prompt_jax("eval", "--gin_file=runs/prompt_eval.gin",
@@ -122,7 +124,7 @@ def heldout_loss(checkpoint: str | None, model_dir: str, data: list[str],
                    f"--gin.MIXTURE_OR_TASK_NAME='{task}'",
                    f"--gin.INITIAL_CHECKPOINT={repr(checkpoint)}",
                    f"--gin.MODEL_DIR='{model_dir}'",
-                   f"--gin.TASK_FEATURE_LENGTHS={HELDOUT[task]}",
+                   f"--gin.TASK_FEATURE_LENGTHS={lengths or HELDOUT[task]}",
                    f"--gin.evaluate.eval_examples={HELDOUT_EXAMPLES}",
                    "--gin.ModelSpec.dropout_rate=0.0", *data)
     return read_json(out)["metrics"]["loss"]
@@ -153,8 +155,8 @@ def frozen_model(checkpoint: str):
 
 @keeps_environment
 def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
-                task: str = "span_corruption", examples: int = 256, chunk: int = 32
-                ) -> dict[str, float]:
+                task: str = "span_corruption", examples: int = 256, chunk: int = 32,
+                lengths: dict[str, int] | None = None) -> dict[str, float]:
     """How much the decoder reads its encoder: `task`'s held-out loss per target token on the
     first `examples` validation examples with each example's own inputs, and with the
     inputs of the next example (targets unchanged). A decoder that ignores the encoder
@@ -169,7 +171,7 @@ def encoder_use(checkpoint: str, data_dir: str, text: str, vocab_path: str,
 
     os.environ.update({task_config.DATA_DIR_ENV: data_dir,
                        task_config.TEXT_FILES_ENV: text, task_config.VOCAB_ENV: vocab_path})
-    ds = data.get_dataset(task, "validation", HELDOUT[task], shuffle=False, seed=0,
+    ds = data.get_dataset(task, "validation", lengths or HELDOUT[task], shuffle=False, seed=0,
                           num_epochs=1)
     batch = next(ds.batch(examples).as_numpy_iterator())
     model, params = frozen_model(checkpoint)
@@ -280,6 +282,13 @@ def main() -> None:
     p.add_argument("--span_steps", type=int, default=SPAN_STEPS)
     p.add_argument("--lm_steps", type=int, default=LM_STEPS)
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    p.add_argument("--span_lengths", type=feature_lengths, default=None,
+                   help="INPUTS,TARGETS of the span-corruption stage (default: "
+                        "runs/pretrain_span_corruption.gin's, 128,32)")
+    p.add_argument("--lm_lengths", type=feature_lengths, default=None,
+                   help="INPUTS,TARGETS of the LM-adaptation stage (default: "
+                        "runs/pretrain_lm_adaptation.gin's, 128,64); short targets train "
+                        "the decoder on the tokens next to the prefix, where a label goes")
     p.add_argument("--checkpoint_period", type=int, default=CHECKPOINT_PERIOD)
     p.add_argument("--time_budget_minutes", type=float, default=None,
                    help="stop cleanly after this long (exit status 3); rerun to continue")
@@ -304,10 +313,11 @@ def main() -> None:
     started = time.monotonic()
     span = stage("span corruption", "runs/pretrain_span_corruption.gin",
                  os.path.join(work, "span_corruption"), args.span_steps, args.batch_size,
-                 [], data, args.size, args.checkpoint_period)
+                 lengths_flag(args.span_lengths), data, args.size, args.checkpoint_period)
     lm = stage("LM adaptation", "runs/pretrain_lm_adaptation.gin",
                os.path.join(work, "lm_adaptation"), args.lm_steps, args.batch_size,
-               [f"--gin.INITIAL_CHECKPOINT='{span}'"], data, args.size, args.checkpoint_period)
+               [f"--gin.INITIAL_CHECKPOINT='{span}'", *lengths_flag(args.lm_lengths)], data,
+               args.size, args.checkpoint_period)
 
     # A random model of the same shape: the train job saves its random initial weights to
     # MODEL_DIR/base_model before the first step.
@@ -319,13 +329,21 @@ def main() -> None:
                    "--gin.train.export_hf=False", *data)
     models = {"random (same shape)": (os.path.join(random_dir, "base_model"), "random"),
               "span corruption": (span, "span"), "+ LM adaptation": (lm, "lm")}
+    # Held out at the lengths each objective was trained at (a model trained on 64-token
+    # inputs is not measured on 128).
+    heldout = heldout_lengths(args)
     losses = {
-        model: {task: heldout_loss(checkpoint, os.path.join(work, f"eval_{short}_{task}"),
-                                   data, args.size, task) for task in HELDOUT}
+        model: {task: heldout_loss(checkpoint, heldout_dir(work, short, task, lengths),
+                                   data, args.size, task, lengths)
+                for task, lengths in heldout.items()}
         for model, (checkpoint, short) in models.items()
     }
-    reads = {model: {task: encoder_use(checkpoint, data_dir, args.text, vocab, task)
-                     for task in HELDOUT} for model, (checkpoint, _) in models.items()}
+    with open(os.path.join(work, HELDOUT_SUMMARY), "w") as f:
+        json.dump({"lengths": heldout, "losses": losses}, f, indent=1)
+    reads = {model: {task: encoder_use(checkpoint, data_dir, args.text, vocab, task,
+                                       lengths=lengths)
+                     for task, lengths in heldout.items()}
+             for model, (checkpoint, _) in models.items()}
     has_probe_data = not missing_official_files(data_dir, PROBE_TASK)
     probes = {model: task_probe(checkpoint, data_dir, vocab)
               for model, (checkpoint, _) in models.items()} if has_probe_data else {}
@@ -342,6 +360,36 @@ def main() -> None:
                  time.monotonic() - started)
     print(json.dumps({"losses": losses, "encoder_use": reads, "probe": probes}, indent=1,
                      default=float))
+
+
+def heldout_lengths(args) -> dict[str, dict[str, int]]:
+    """Each objective's held-out lengths: its stage's training lengths when given, else
+    HELDOUT's (the gin files' defaults)."""
+    return {"span_corruption": args.span_lengths or HELDOUT["span_corruption"],
+            "lm_adaptation": args.lm_lengths or HELDOUT["lm_adaptation"]}
+
+
+def heldout_dir(work: str, model: str, task: str, lengths: dict[str, int]) -> str:
+    """The eval run of one model's held-out loss (`model` random / span / lm); keyed by the
+    lengths, so a result at other lengths is never reused."""
+    key = "" if lengths == HELDOUT[task] else f"_{lengths['inputs']}x{lengths['targets']}"
+    return os.path.join(work, f"eval_{model}_{task}{key}")
+
+
+def feature_lengths(text: str) -> dict[str, int]:
+    """'64,16' -> {'inputs': 64, 'targets': 16} (the --span_lengths / --lm_lengths flags)."""
+    try:
+        inputs, targets = (int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INPUTS,TARGETS (two integers, e.g. 64,16), "
+                                         f"found {text!r}") from None
+    if inputs < 2 or targets < 1:
+        raise argparse.ArgumentTypeError(f"expected inputs >= 2 and targets >= 1, found {text!r}")
+    return {"inputs": inputs, "targets": targets}
+
+
+def lengths_flag(lengths: dict[str, int] | None) -> list[str]:
+    return [] if lengths is None else [f"--gin.TASK_FEATURE_LENGTHS={lengths}"]
 
 
 def params_as(params, dtype):
@@ -394,7 +442,10 @@ def write_report(args, losses: dict[str, dict[str, float]],
     span, lm = (stage_facts(os.path.join(work, s)) for s in ("span_corruption", "lm_adaptation"))
     command = (f"python scripts/pretrain_tiny.py --size {args.size} --span_steps "
                f"{args.span_steps} --lm_steps {args.lm_steps} --batch_size {args.batch_size}"
-               + ("" if args.text == default_text(data_dir) else f" --text {args.text}"))
+               + ("" if args.text == default_text(data_dir) else f" --text {args.text}")
+               + "".join(f" --{flag} {v['inputs']},{v['targets']}" for flag, v in
+                         (("span_lengths", args.span_lengths), ("lm_lengths", args.lm_lengths))
+                         if v is not None))
     if args.text == GUTENBERG:
         source = (f"the Project Gutenberg books under `{os.path.relpath(data_dir, REPO)}/text/"
                   "gutenberg` (240 public-domain English books; only the text between each "
@@ -403,8 +454,13 @@ def write_report(args, losses: dict[str, dict[str, float]],
     else:
         source = (f"`{args.text}` under `{os.path.relpath(data_dir, REPO)}` "
                   "(prompt_jax.tasks.sources.TextSource; 1 document in 20 held out)")
-    tokens = {"span": args.span_steps * args.batch_size * 142,
-              "lm": args.lm_steps * args.batch_size * 127}
+    from prompt_jax.tasks.pretraining import span_corruption_lengths
+
+    span_lengths, lm_lengths = heldout_lengths(args).values()
+    raw = span_corruption_lengths(span_lengths["inputs"])[0]
+    # LM adaptation splits pieces of inputs - 1 tokens into prefix and targets.
+    tokens = {"span": args.span_steps * args.batch_size * raw,
+              "lm": args.lm_steps * args.batch_size * (lm_lengths["inputs"] - 1)}
     shown = "\n".join(f"| {text} | {out} |" for text, out in samples)
 
     def use(by: dict[str, float]) -> str:
@@ -433,14 +489,18 @@ Built by `{command}` on {datetime.date.today().isoformat()} ({devices()}):
 span corruption for {args.span_steps} steps, then LM adaptation (prefix LM) for
 {args.lm_steps} steps, batch {args.batch_size}, from random weights, on {source}.
 Shapes: `prompt_jax.t5.config.SIZES['{args.size}']` ({describe(args.size)}); weights stored
-in bfloat16. Text seen: about {tokens['span'] / 1e6:.1f}M tokens of span corruption (142 raw
-tokens per example at inputs 128) and at most {tokens['lm'] / 1e6:.1f}M of LM adaptation.
+in bfloat16. Text seen: about {tokens['span'] / 1e6:.1f}M tokens of span corruption ({raw} raw
+tokens per example at inputs {span_lengths['inputs']} / targets {span_lengths['targets']}) and at
+most {tokens['lm'] / 1e6:.1f}M of LM adaptation (inputs {lm_lengths['inputs']} / targets
+{lm_lengths['targets']}).
 Throughput of the train job (median examples/s): span corruption
 {span['examples_per_second']:.1f}, LM adaptation {lm['examples_per_second']:.1f}; wall time of
 the last invocation {seconds / 60:.0f} min (stages reused from earlier invocations not counted).
 
 Held-out losses (cross-entropy per target token on the first {HELDOUT_EXAMPLES} validation
-examples; span corruption at inputs 128 / targets 32, LM adaptation at inputs 128 / targets 64):
+examples, at the lengths each objective was trained at: span corruption at inputs
+{span_lengths['inputs']} / targets {span_lengths['targets']}, LM adaptation at inputs
+{lm_lengths['inputs']} / targets {lm_lengths['targets']}):
 
 | model | span corruption | LM adaptation |
 | --- | --- | --- |

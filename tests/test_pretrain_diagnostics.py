@@ -98,3 +98,44 @@ def test_a_stage_stopped_before_its_last_step_stops_the_recipe(tmp_path, monkeyp
     assert pretrain_tiny.stage("span corruption", "runs/pretrain_span_corruption.gin",
                                str(model_dir), 10, 2, [], []) == str(model_dir / "hf_export")
     assert len(calls) == 1
+
+
+def test_stage_lengths_reach_the_train_job_and_the_heldout_measures(tmp_path, monkeypatch):
+    """--span_lengths / --lm_lengths: each stage trains at its lengths, its held-out loss is
+    measured at them (a model trained on 64-token inputs is not scored on 128), and a result
+    measured at other lengths is never reused (the eval dir is keyed by them)."""
+    import argparse
+
+    from prompt_jax.model_dir import eval_results, write_json
+
+    assert pretrain_tiny.feature_lengths("64,16") == {"inputs": 64, "targets": 16}
+    for bad in ("64", "64,16,2", "a,b", "1,8", "64,0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            pretrain_tiny.feature_lengths(bad)
+    args = argparse.Namespace(span_lengths={"inputs": 64, "targets": 16}, lm_lengths=None)
+    lengths = pretrain_tiny.heldout_lengths(args)
+    assert lengths == {"span_corruption": {"inputs": 64, "targets": 16},
+                       "lm_adaptation": pretrain_tiny.HELDOUT["lm_adaptation"]}
+    dirs = {pretrain_tiny.heldout_dir("w", "lm", "span_corruption", n)
+            for n in ({"inputs": 64, "targets": 16}, {"inputs": 64, "targets": 8},
+                      pretrain_tiny.HELDOUT["span_corruption"])}
+    assert dirs == {os.path.join("w", "eval_lm_span_corruption_64x16"),
+                    os.path.join("w", "eval_lm_span_corruption_64x8"),
+                    os.path.join("w", "eval_lm_span_corruption")}
+
+    calls = []
+    monkeypatch.setattr(pretrain_tiny, "prompt_jax", lambda *a: calls.append(a))
+    with pytest.raises(SystemExit):  # the stub writes no export: the stage stops there
+        pretrain_tiny.stage("span corruption", "runs/pretrain_span_corruption.gin",
+                            str(tmp_path / "s"), 10, 2,
+                            pretrain_tiny.lengths_flag(lengths["span_corruption"]), [])
+    assert "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}" in calls[0]
+
+    def eval_job(*a):  # what `prompt-jax eval` leaves: the split's result in MODEL_DIR
+        calls.append(a)
+        write_json(eval_results(str(tmp_path / "e"), "validation"), {"metrics": {"loss": 1.5}})
+
+    monkeypatch.setattr(pretrain_tiny, "prompt_jax", eval_job)
+    assert pretrain_tiny.heldout_loss("ckpt", str(tmp_path / "e"), [], "inhouse_tiny",
+                                      "span_corruption", lengths["span_corruption"]) == 1.5
+    assert "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}" in calls[1]

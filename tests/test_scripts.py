@@ -4,6 +4,7 @@ end at CPU scale with 2 training steps (slow: `pytest -m slow tests/test_scripts
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -347,7 +348,10 @@ def test_fig1_builds_each_inhouse_size(cpu):
     assert "scripts/pretrain_tiny.py --size inhouse_mini" in out  # no other test builds it
     report = (pretrain / "pretrain_inhouse_mini" / "model" / "REPORT.md").read_text()
     assert "Does the decoder read its encoder?" in report and "| random (same shape) |" in report
-    assert "inhouse_mini (1.1M)" in table and "Held-out span-corruption loss" in table
+    assert "inhouse_mini (1.1M)" in table
+    assert "Held-out span-corruption / LM-adaptation loss" in table
+    losses = r"inhouse_mini \d+\.\d{3} / \d+\.\d{3} \(inputs/targets 128/32, 128/64\)"
+    assert re.search(losses, table)
 
 
 @pytest.mark.slow
