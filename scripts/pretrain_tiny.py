@@ -278,7 +278,10 @@ def main() -> None:
                         "'superglue_glue_train' (the default otherwise), or globs")
     p.add_argument("--work_dir", default=None,
                    help="default: runs/pretrain_tiny for inhouse_tiny, runs/pretrain_<size>")
-    p.add_argument("--out", default=str(DEMO_DATA / "inhouse_tiny_t5"))
+    p.add_argument("--out", default=None,
+                   help="where the bfloat16 model and REPORT.md go (replaced); default: the "
+                        "bundled prompt_jax/demo_data/inhouse_tiny_t5 for inhouse_tiny, "
+                        "<work_dir>/model for other sizes (as the reproduction scripts read)")
     p.add_argument("--span_steps", type=int, default=SPAN_STEPS)
     p.add_argument("--lm_steps", type=int, default=LM_STEPS)
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
@@ -308,7 +311,9 @@ def main() -> None:
     data = data_bindings(data_dir, vocab, args.text)
     name = "pretrain_tiny" if args.size == "inhouse_tiny" else f"pretrain_{args.size}"
     work = os.path.abspath(args.work_dir or os.path.join(REPO, "runs", name))
-    print(f"pretraining {args.size} on {args.text!r} (data {data_dir}) in {work}", flush=True)
+    args.out = args.out or default_out(args.size, work)
+    print(f"pretraining {args.size} on {args.text!r} (data {data_dir}) in {work}; the model "
+          f"goes to {args.out}", flush=True)
 
     started = time.monotonic()
     span = stage("span corruption", "runs/pretrain_span_corruption.gin",
@@ -374,6 +379,13 @@ def heldout_dir(work: str, model: str, task: str, lengths: dict[str, int]) -> st
     lengths, so a result at other lengths is never reused."""
     key = "" if lengths == HELDOUT[task] else f"_{lengths['inputs']}x{lengths['targets']}"
     return os.path.join(work, f"eval_{model}_{task}{key}")
+
+
+def default_out(size: str, work: str) -> str:
+    """The bundled backbone is inhouse_tiny's; any other size writes beside its runs, never
+    over the bundled model."""
+    return str(DEMO_DATA / "inhouse_tiny_t5") if size == "inhouse_tiny" \
+        else os.path.join(work, "model")
 
 
 def feature_lengths(text: str) -> dict[str, int]:
@@ -445,7 +457,10 @@ def write_report(args, losses: dict[str, dict[str, float]],
                + ("" if args.text == default_text(data_dir) else f" --text {args.text}")
                + "".join(f" --{flag} {v['inputs']},{v['targets']}" for flag, v in
                          (("span_lengths", args.span_lengths), ("lm_lengths", args.lm_lengths))
-                         if v is not None))
+                         if v is not None)
+               + ("" if args.work_dir is None else f" --work_dir {os.path.relpath(work, REPO)}")
+               + ("" if args.out == default_out(args.size, work)
+                  else f" --out {os.path.relpath(args.out, REPO)}"))
     if args.text == GUTENBERG:
         source = (f"the Project Gutenberg books under `{os.path.relpath(data_dir, REPO)}/text/"
                   "gutenberg` (240 public-domain English books; only the text between each "

@@ -139,3 +139,12 @@ def test_stage_lengths_reach_the_train_job_and_the_heldout_measures(tmp_path, mo
     assert pretrain_tiny.heldout_loss("ckpt", str(tmp_path / "e"), [], "inhouse_tiny",
                                       "span_corruption", lengths["span_corruption"]) == 1.5
     assert "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}" in calls[1]
+
+
+def test_only_inhouse_tiny_writes_the_bundled_backbone_by_default():
+    """Without --out, `--size inhouse_small` writes <work_dir>/model (where the reproduction
+    scripts look), not over the bundled inhouse_tiny model the demo and tests load."""
+    bundled = str(DEMO_DATA / "inhouse_tiny_t5")
+    assert pretrain_tiny.default_out("inhouse_tiny", "w") == bundled
+    for size in ("inhouse_mini", "inhouse_small", "inhouse_base"):
+        assert pretrain_tiny.default_out(size, "w") == os.path.join("w", "model")
