@@ -34,7 +34,7 @@ import time
 from jobs import DEMO_DATA, REPO, SHARED_DATA
 from scores import missing_official_files
 
-from prompt_jax.model_dir import HF_EXPORT, eval_results, read_json
+from prompt_jax.model_dir import HF_EXPORT, eval_results, read_json, write_json
 
 # The recipe's defaults (also read by the reproduction scripts, e.g. Figure 3d).
 SPAN_STEPS, LM_STEPS, BATCH_SIZE = 800, 200, 16
@@ -343,8 +343,7 @@ def main() -> None:
                 for task, lengths in heldout.items()}
         for model, (checkpoint, short) in models.items()
     }
-    with open(os.path.join(work, HELDOUT_SUMMARY), "w") as f:
-        json.dump({"lengths": heldout, "losses": losses}, f, indent=1)
+    write_json(os.path.join(work, HELDOUT_SUMMARY), {"lengths": heldout, "losses": losses})
     reads = {model: {task: encoder_use(checkpoint, data_dir, args.text, vocab, task,
                                        lengths=lengths)
                      for task, lengths in heldout.items()}
