@@ -470,7 +470,8 @@ def write_report(args, losses: dict[str, dict[str, float]],
                   "(prompt_jax.tasks.sources.TextSource; 1 document in 20 held out)")
     from prompt_jax.tasks.pretraining import span_corruption_lengths
 
-    span_lengths, lm_lengths = heldout_lengths(args).values()
+    heldout = heldout_lengths(args)
+    span_lengths, lm_lengths = heldout["span_corruption"], heldout["lm_adaptation"]
     raw = span_corruption_lengths(span_lengths["inputs"])[0]
     # LM adaptation splits pieces of inputs - 1 tokens into prefix and targets.
     tokens = {"span": args.span_steps * args.batch_size * raw,
